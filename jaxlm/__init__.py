@@ -9,3 +9,5 @@ _nnx.use_eager_sharding(False)
 __version__ = "0.1.0"
 
 from jaxlm.pure import functional, to_module  # noqa: E402  (exported as jaxlm.functional)
+
+__all__ = ["functional", "to_module", "__version__"]

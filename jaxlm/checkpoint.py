@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxlm.errors import CheckpointError, require
+from jaxlm.errors import CheckpointError, is_int, require
 
 
 # Orbax names a step directory that is still being written (or whose save was interrupted)
@@ -50,17 +50,13 @@ class CheckpointConfig:
         """Check every field; raise ``ConfigError("checkpoint.<field>", ...)`` on the first bad one."""
         require(isinstance(self.directory, str), "checkpoint.directory", self.directory,
                 "a path string ('' means <output_dir>/checkpoints)")
-        require(_is_int(self.save_every) and self.save_every >= 0, "checkpoint.save_every",
+        require(is_int(self.save_every) and self.save_every >= 0, "checkpoint.save_every",
                 self.save_every, "an integer >= 0 (0 saves only the final step)")
-        require(_is_int(self.keep) and self.keep >= 1, "checkpoint.keep", self.keep,
+        require(is_int(self.keep) and self.keep >= 1, "checkpoint.keep", self.keep,
                 "an integer >= 1 (number of most recent checkpoints kept)")
         require(isinstance(self.async_save, bool), "checkpoint.async_save", self.async_save,
                 "True or False")
         return self
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class Checkpointer:

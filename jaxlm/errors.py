@@ -1,4 +1,8 @@
-"""Errors jaxlm raises for bad user input."""
+"""Errors jaxlm raises for bad user input, and the small checks config validation shares."""
+
+import math
+
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -13,6 +17,16 @@ def require(condition: bool, field: str, value: object, allowed: str) -> None:
     """Raise ``ConfigError(field, value, allowed)`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(field, value, allowed)
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (config values come from the command line and files)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class CheckpointError(RuntimeError):

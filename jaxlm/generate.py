@@ -114,22 +114,26 @@ def _generate_jit(graphdef, state, tokens, lengths, rng, stop_tokens, *, samplin
     done = jnp.isin(first, stop_tokens)  # [B]
 
     def keep_going(carry):
-        step, _, _, done, _, _, _ = carry
+        step, _, _, done, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
+    # The weights are closed over as plain arrays (loop invariants, never copied) and wrapped in fresh NNX
+    # variables inside the loop body, so that NNX sees them at the loop's own trace level.
+    weights, weights_treedef = jax.tree.flatten(state)
+
     def decode_one(carry):
-        # The model state rides in the carry (unchanged) so that NNX sees it at the loop's trace level.
-        step, previous, output, done, cache, rng, state = carry
+        step, previous, output, done, cache, rng = carry
+        model = nnx.merge(graphdef, jax.tree.unflatten(weights_treedef, weights))
         positions = (lengths + step - 1)[:, None]  # [B, 1]: where the previous token sits
-        logits, cache = nnx.merge(graphdef, state).decode(previous[:, None], positions=positions, cache=cache)
+        logits, cache = model.decode(previous[:, None], positions=positions, cache=cache)
         rng, step_rng = jax.random.split(rng)
         token = sample_tokens(_limit_vocab(logits[:, -1], vocab_limit), step_rng, sampling)  # [B]
         token = jnp.where(done, pad_id, token)
         output = output.at[:, step].set(token)
         done = done | jnp.isin(token, stop_tokens)
-        return step + 1, token, output, done, cache, rng, state
+        return step + 1, token, output, done, cache, rng
 
-    carry = (jnp.int32(1), first, output, done, cache, rng, state)
+    carry = (jnp.int32(1), first, output, done, cache, rng)
     output = jax.lax.while_loop(keep_going, decode_one, carry)[2]
     return output
 

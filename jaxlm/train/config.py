@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxlm.errors import require
+from jaxlm.errors import is_finite_number, is_int, require
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -42,23 +42,23 @@ class OptimizerConfig:
 
     def validate(self) -> "OptimizerConfig":
         """Raise ConfigError naming the first bad field; return self when all are valid."""
-        require(_is_finite_number(self.learning_rate) and self.learning_rate > 0,
+        require(is_finite_number(self.learning_rate) and self.learning_rate > 0,
                 "optimizer.learning_rate", self.learning_rate, "a positive number")
-        require(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
+        require(is_int(self.warmup_steps) and self.warmup_steps >= 0,
                 "optimizer.warmup_steps", self.warmup_steps, "a non-negative integer")
-        require(_is_int(self.decay_steps) and self.decay_steps >= 0,
+        require(is_int(self.decay_steps) and self.decay_steps >= 0,
                 "optimizer.decay_steps", self.decay_steps, "0 (the total train steps) or a positive integer")
         require(self.decay_steps == 0 or self.decay_steps > self.warmup_steps, "optimizer.decay_steps",
                 self.decay_steps, f"0 or an integer larger than optimizer.warmup_steps={self.warmup_steps}")
-        require(_is_finite_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0,
+        require(is_finite_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0,
                 "optimizer.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         for name in ("b1", "b2"):
             value = getattr(self, name)
-            require(_is_finite_number(value) and 0.0 <= value < 1.0, f"optimizer.{name}", value, "a number in [0, 1)")
-        require(_is_finite_number(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "a positive number")
-        require(_is_finite_number(self.weight_decay) and self.weight_decay >= 0,
+            require(is_finite_number(value) and 0.0 <= value < 1.0, f"optimizer.{name}", value, "a number in [0, 1)")
+        require(is_finite_number(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "a positive number")
+        require(is_finite_number(self.weight_decay) and self.weight_decay >= 0,
                 "optimizer.weight_decay", self.weight_decay, "a non-negative number")
-        require(_is_finite_number(self.grad_clip_norm) and self.grad_clip_norm >= 0,
+        require(is_finite_number(self.grad_clip_norm) and self.grad_clip_norm >= 0,
                 "optimizer.grad_clip_norm", self.grad_clip_norm, "0 (no clipping) or a positive number")
         return self
 
@@ -84,7 +84,7 @@ class MeshConfig:
         """Check each size is positive or -1 and at most one is -1; return self."""
         for name in MESH_AXES:
             value = getattr(self, name)
-            require(_is_int(value) and (value > 0 or value == -1), f"mesh.{name}", value,
+            require(is_int(value) and (value > 0 or value == -1), f"mesh.{name}", value,
                     "a positive integer or -1 (all remaining devices)")
         wildcards = [name for name in MESH_AXES if getattr(self, name) == -1]
         require(len(wildcards) <= 1, f"mesh.{wildcards[-1] if wildcards else 'data'}", -1,
@@ -143,20 +143,14 @@ class TrainConfig:
         """Raise ConfigError naming the first bad field; return self when all are valid."""
         for name in ("steps", "grad_accum_steps", "log_every", "eval_batches"):
             value = getattr(self, name)
-            require(_is_int(value) and value > 0, f"train.{name}", value, "a positive integer")
-        require(_is_int(self.eval_every) and self.eval_every >= 0, "train.eval_every", self.eval_every,
+            require(is_int(value) and value > 0, f"train.{name}", value, "a positive integer")
+        require(is_int(self.eval_every) and self.eval_every >= 0, "train.eval_every", self.eval_every,
                 "0 (no evaluation) or a positive integer")
-        require(_is_finite_number(self.z_loss_weight) and self.z_loss_weight >= 0,
+        require(is_finite_number(self.z_loss_weight) and self.z_loss_weight >= 0,
                 "train.z_loss_weight", self.z_loss_weight, "a non-negative number")
-        require(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "a non-negative integer")
+        require(is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "a non-negative integer")
         require(isinstance(self.output_dir, str) and self.output_dir != "", "train.output_dir",
                 self.output_dir, "a non-empty path")
         return self
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,6 +1,5 @@
 """RoPE and RMSNorm against float64 numpy formulas."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
