@@ -148,6 +148,8 @@ def _coerce(value: Any, annotation: Any, field: str) -> Any:
         return tuple(_coerce(item, item_type, field) for item in value)
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):
+        return _dataclass_from_dict(annotation, value, field)
     if annotation is bool:
         if isinstance(value, bool):
             return value

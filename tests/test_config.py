@@ -23,6 +23,8 @@ def config_with(**sections):
     ({"model": {"num_layers": 0}}, "model.num_layers"),
     ({"model": {"compute_dtype": "float16"}}, "model.compute_dtype"),
     ({"model": {"remat": "sometimes"}}, "model.remat"),
+    ({"model": {"mamba2": {"state_dim": 0}}}, "model.mamba2.state_dim"),
+    ({"model": {"path": {"impl": "fast"}}}, "model.path.impl"),
     ({"model": {"layer_pattern": ("attention",) * 3, "num_layers": 4, "scan_layers": True}}, "model.num_layers"),
     ({"model": {"max_seq_len": 64}, "data": {"seq_len": 128}}, "data.seq_len"),
     ({"model": {"vocab_size": 8}}, "model.vocab_size"),
@@ -45,6 +47,8 @@ def test_bad_field_is_named(sections, field):
 def test_unknown_field_and_section_and_type():
     with pytest.raises(ConfigError, match="model.hidden_size"):
         run_config_from_dict({"model": {"hidden_size": 64}})
+    with pytest.raises(ConfigError, match="model.mamba2.dstate"):
+        run_config_from_dict({"model": {"mamba2": {"dstate": 16}}})
     with pytest.raises(ConfigError, match="trainer"):
         run_config_from_dict({"trainer": {}})
     with pytest.raises(ConfigError, match="model.d_model") as error:
@@ -56,6 +60,8 @@ def test_defaults_round_trip_and_tuple_coercion():
     config = run_config_from_dict({"model": {"layer_pattern": ["attention", "attention"], "num_layers": 4}})
     assert config.model.layer_pattern == ("attention", "attention")
     assert run_config_from_dict(default_config_dict()) == RunConfig().validate()
+    nested = run_config_from_dict({"model": {"gated_deltanet": {"key_dim": 32}}})
+    assert nested.model.gated_deltanet.key_dim == 32 and nested.model.mamba2.state_dim == 64
     assert isinstance(run_config_from_dict({"optimizer": {"learning_rate": 1}}).optimizer.learning_rate, float)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxlm.errors import require
+from jaxlm.models.mixer_options import GatedDeltaNetOptions, LogLinearOptions, Mamba2Options, PaTHOptions
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -39,6 +40,10 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention_impl: str = "xla"
     init_std: float = 0.02
+    mamba2: Mamba2Options = Mamba2Options()
+    gated_deltanet: GatedDeltaNetOptions = GatedDeltaNetOptions()
+    loglinear: LogLinearOptions = LogLinearOptions()
+    path: PaTHOptions = PaTHOptions()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -83,4 +88,6 @@ class ModelConfig:
         require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive number")
         require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "a positive number")
         require(self.init_std > 0, "model.init_std", self.init_std, "a positive number")
+        for options in (self.mamba2, self.gated_deltanet, self.loglinear, self.path):
+            options.validate()
         return self
