@@ -58,6 +58,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     return [_cut_at_stop(row, stop_tokens) for row in np.asarray(new_tokens).tolist()]
 
 
+def greedy_without_cache(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                         width: int = 32) -> list[list[int]]:
+    """The slow reference for :func:`generate`: no cache, the whole sequence again for every new token.
+
+    Each step runs ``model`` on every sequence right-padded to ``width`` (the model is causal, so padding after
+    a sequence cannot change its logits; one width compiles the forward once) and appends the argmax at the
+    sequence's last token. A new mixer's decode cache is correct when greedy ``generate`` equals this.
+    """
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    sequences = [list(prompt) for prompt in prompts]
+    for _ in range(max_new_tokens):
+        tokens = np.zeros((len(sequences), width), np.int32)  # [B, width]
+        for row, sequence in enumerate(sequences):
+            tokens[row, : len(sequence)] = sequence
+        logits = np.asarray(forward(model, jnp.asarray(tokens)))  # [B, width, V]
+        for row, sequence in enumerate(sequences):
+            sequence.append(int(logits[row, len(sequence) - 1].argmax()))
+    return [sequence[len(prompt):] for sequence, prompt in zip(sequences, prompts)]
+
+
 def _check_request(prompts, max_new_tokens, vocab_size, max_seq_len, stop_tokens, pad_id) -> None:
     """Raise ConfigError naming the first problem with a generation request."""
     require(len(prompts) > 0, "prompts", prompts, "a non-empty list of token lists")

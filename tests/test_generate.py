@@ -3,13 +3,12 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxlm.errors import CheckpointError, ConfigError
-from jaxlm.generate import (SamplingConfig, generate, generate_text_from_checkpoint,
+from jaxlm.generate import (SamplingConfig, generate, generate_text_from_checkpoint, greedy_without_cache,
                             load_model_from_checkpoint)
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.decoder import DecoderLM
@@ -31,28 +30,13 @@ def model():
     return DecoderLM(_tiny_config(), rngs=nnx.Rngs(0))
 
 
-def _greedy_by_recomputation(model, prompts, num_tokens, width=32):
-    """The reference: run the model (no cache) on every whole sequence again for each new token and take
-    the argmax at the sequence's last token. Sequences are right-padded to one ``width`` (the model is
-    causal, so the padding after a sequence cannot change its logits) to compile the forward pass once."""
-    forward = nnx.jit(lambda model, tokens: model(tokens))
-    sequences = [list(prompt) for prompt in prompts]
-    for _ in range(num_tokens):
-        tokens = np.zeros((len(sequences), width), np.int32)  # [B, width]
-        for row, sequence in enumerate(sequences):
-            tokens[row, : len(sequence)] = sequence
-        logits = np.asarray(forward(model, jnp.asarray(tokens)))  # [B, width, V]
-        for row, sequence in enumerate(sequences):
-            sequence.append(int(logits[row, len(sequence) - 1].argmax()))
-    return [sequence[len(prompt):] for sequence, prompt in zip(sequences, prompts)]
-
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_greedy_generation_equals_full_recomputation(model, scan_layers):
     if scan_layers:
         model = DecoderLM(_tiny_config(scan_layers=True), rngs=nnx.Rngs(1))
     generated = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS)
-    expected = _greedy_by_recomputation(model, PROMPTS, NEW_TOKENS)
+    expected = greedy_without_cache(model, PROMPTS, NEW_TOKENS)
     assert generated == expected
     assert len({token for row in generated for token in row}) > 3  # a non-trivial continuation
 

@@ -50,4 +50,4 @@ def registered_mixers() -> list[str]:
 
 def _import_builtin_mixers() -> None:
     # Importing the layer modules runs their @register_mixer decorators.
-    from jaxlm.layers import attention  # noqa: F401
+    from jaxlm.layers import attention, gated_deltanet, loglinear, mamba2, path_attention  # noqa: F401
