@@ -106,7 +106,8 @@ def _pseudo_value_parts(k: jax.Array, v: jax.Array, beta: jax.Array, ratios: jax
     ``U = first − second @ S_0``. ``L = strictlower(diag(β) K Kᵀ ⊙ Γ)``; a unit-lower triangular solve.
     """
     chunk_size, value_dim = k.shape[-2], v.shape[-1]
-    gram = jnp.einsum("bnhik,bnhjk->bnhij", k, k)  # [B, N, H, C, C]
+    # Full float32 products for the triangular system (GPUs would otherwise use TF32 here).
+    gram = jnp.einsum("bnhik,bnhjk->bnhij", k, k, precision=jax.lax.Precision.HIGHEST)  # [B, N, H, C, C]
     strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)
     lower = jnp.where(strictly_lower, beta[..., None] * gram * ratios, 0.0)  # L
     system = lower + jnp.eye(chunk_size, dtype=jnp.float32)  # [B, N, H, C, C]

@@ -49,7 +49,8 @@ def ut_transform(w: jax.Array, beta: jax.Array) -> jax.Array:
     """``𝒯 = (I + strictlower(D W Wᵀ))⁻¹ D`` per block: ``w [B, N, C, G, D]``, ``beta [B, N, C, G]`` ->
     ``[B, N, G, C, C]`` (lower triangular; float32 triangular solve)."""
     block_size = w.shape[2]
-    gram = jnp.einsum("bncgd,bnsgd->bngcs", w, w)  # [B, N, G, C, C]
+    # Full float32 products for the triangular system (GPUs would otherwise use TF32 here).
+    gram = jnp.einsum("bncgd,bnsgd->bngcs", w, w, precision=jax.lax.Precision.HIGHEST)  # [B, N, G, C, C]
     beta_rows = jnp.moveaxis(beta, 2, 3)  # [B, N, G, C]
     strict_lower = jnp.tril(jnp.ones((block_size, block_size), bool), -1)
     eye = jnp.eye(block_size, dtype=w.dtype)
