@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.errors import require
 from jaxlm.layers.embed import dense
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.mamba2 import Mamba2
@@ -32,8 +33,16 @@ LogLinearCache = dict[str, jax.Array]
 
 
 def configured_levels(config: ModelConfig) -> int:
-    """``config.loglinear.num_levels``, or ``ceil(log2 max_seq_len) + 1`` when it is 0."""
-    return config.loglinear.num_levels or num_levels(config.max_seq_len)
+    """``config.loglinear.num_levels``, or ``ceil(log2 max_seq_len) + 1`` when it is 0.
+
+    Fewer levels than ``max_seq_len`` needs is a ConfigError naming ``model.loglinear.num_levels``.
+    """
+    needed = num_levels(config.max_seq_len)
+    levels = config.loglinear.num_levels or needed
+    require(levels >= needed, "model.loglinear.num_levels", levels,
+            f"0 (automatic) or at least ceil(log2 model.max_seq_len) + 1 = {needed} for max_seq_len="
+            f"{config.max_seq_len}")
+    return levels
 
 
 class LevelWeights(nnx.Module):
@@ -90,7 +99,7 @@ class LogLinearMamba2(Mamba2):
                                 segment_ids=segment_ids)  # [B, T, H, P]
         else:
             out, levels, steps = loglinear_prefill(cache["levels"], cache["step"], q, k, v, log_a, None, lam,
-                                                   real=is_real)
+                                                   real=is_real, chunk_size=self.chunk_size)
             new_cache = {"conv": conv_state, "levels": levels, "step": steps}
         return self._gated_output(out, x_heads, z), new_cache
 
@@ -123,7 +132,8 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
             out = loglinear_gated_delta_rule(q, k, v, log_a, beta, lam, impl=self.impl, chunk_size=self.chunk_size,
                                              segment_ids=segment_ids)  # [B, T, H, V]
             return self._gated_output(out, x), None
-        out, levels, steps = loglinear_prefill(cache["levels"], cache["step"], q, k, v, log_a, beta, lam, real=real)
+        out, levels, steps = loglinear_prefill(cache["levels"], cache["step"], q, k, v, log_a, beta, lam, real=real,
+                                               chunk_size=self.chunk_size)
         return self._gated_output(out, x), {**conv_states, "levels": levels, "step": steps}
 
     def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype | None = None) -> LogLinearCache:

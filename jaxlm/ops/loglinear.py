@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlm.ops.fenwick import merge_levels, num_levels, segment_positions
+from jaxlm.ops.fenwick import fenwick_level, merge_levels, num_levels, segment_positions
+from jaxlm.ops.delta_rule import gated_delta_rule
 from jaxlm.ops.loglinear_chunks import chunked_loglinear
+from jaxlm.ops.ssd import ssd
 
 LOGLINEAR_IMPLS = ("recurrent", "chunked", "auto", "pallas")
 
@@ -104,18 +106,80 @@ def _loglinear_step(levels, t, q_t, k_t, v_t, log_a_t, beta_t, lam_t):
 
 def loglinear_prefill(levels: jax.Array, steps: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                       log_a: jax.Array, beta: jax.Array | None, lam: jax.Array,
-                      real: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      real: jax.Array | None = None, chunk_size: int = 64) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Continue a decode level stack over T tokens: the decode step applied at every real token.
 
     ``levels [B, H, L, K, V]`` float32 and ``steps [B]`` int32 (tokens already seen per row) come from the
     cache; ``q, k: [B, T, G, K]``, ``v: [B, T, H, V]``, ``log_a, beta: [B, T, H]`` (``beta=None``: SSD),
     ``lam: [B, T, H, L' >= L]``, ``real: [B, T]`` bool (False: right padding, which leaves the stack and the
     step counter unchanged). Returns (``o [B, T, H, V]`` in ``v``'s dtype, new levels, new steps).
+
+    A prompt prefill (every row's stack empty, real tokens a prefix of each row, and ``L >= num_levels(T)``
+    so that no level is clamped) runs the chunked op and builds the final stack with
+    ``level_stack_after_prefix``; anything else (a continued prefill, holes in ``real``, a clamped stack)
+    scans the decode step over time. Both compute the same function.
     """
+    if lam.shape[-1] < levels.shape[2]:
+        raise ValueError(f"lam has {lam.shape[-1]} level columns but the level stack has {levels.shape[2]}; "
+                         f"lam must have at least {levels.shape[2]} (model.loglinear.num_levels)")
     real = jnp.ones(v.shape[:2], bool) if real is None else real.astype(bool)
+    num_real = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B]
     positions = steps[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1  # [B, T]
-    out, levels = _scan_steps(levels, positions, real, q, k, v, log_a, beta, lam)
-    return out, levels, steps + jnp.sum(real, axis=1, dtype=jnp.int32)
+    is_prefix = real == (jnp.arange(v.shape[1])[None, :] < num_real[:, None])  # [B, T]
+    fresh_prompt = jnp.all(steps == 0) & jnp.all(is_prefix)
+
+    def chunked_prefill():
+        keep = real[..., None]  # [B, T, 1]: padding neither decays, rotates nor writes
+        out = _loglinear("loglinear_prefill", q, k, v, jnp.where(keep, log_a, 0.0),
+                         None if beta is None else jnp.where(keep, beta, 0.0), lam, "chunked", chunk_size, None)
+        stack = level_stack_after_prefix(k, jnp.where(keep[..., None], v, 0), jnp.where(keep, log_a, 0.0),
+                                         None if beta is None else jnp.where(keep, beta, 0.0), num_real,
+                                         levels.shape[2], chunk_size)
+        return out, stack
+
+    def scanned_prefill():
+        return _scan_steps(levels, positions, real, q, k, v, log_a, beta, lam)
+
+    if levels.shape[2] < num_levels(v.shape[1]):
+        out, levels = scanned_prefill()
+    else:
+        out, levels = lax.cond(fresh_prompt, chunked_prefill, scanned_prefill)
+    return out.astype(v.dtype), levels, steps + num_real
+
+
+def level_stack_after_prefix(k: jax.Array, v: jax.Array, log_a: jax.Array, beta: jax.Array | None,
+                             num_real: jax.Array, num_stack_levels: int, chunk_size: int = 64) -> jax.Array:
+    """The decode level stack after the first ``n_b`` tokens of each row, by the chunked base op.
+
+    For the last token ``t = n − 1``, level ℓ holds the keys ``s`` with ``level(t, s) = ℓ`` (the last level
+    also every older key, as ``merge_levels`` clamps), carried to ``t``:
+    ``S^{(ℓ)} = Σ_{s ∈ ℓ} A_t … A_{s+1} β_s k_s v_sᵀ``. Starting from zero and writing only level ℓ's values,
+    the base op (``ssd`` / ``gated_delta_rule``) ends exactly in ``S^{(ℓ)}``: the transitions before the
+    level act on zero and those after it carry it to ``t``. Padding after ``n`` must be neutral
+    (``log_a = 0``, ``β = 0``, ``v = 0``).
+
+    ``k: [B, T, G, K]``, ``v: [B, T, H, V]``, ``log_a, beta: [B, T, H]``, ``num_real: [B]`` (>= 1) ->
+    ``[B, H, L, K, V]`` float32.
+    """
+    batch, length = v.shape[:2]
+    last = jnp.maximum(num_real - 1, 0)  # [B]
+    key_positions = jnp.arange(length, dtype=jnp.int32)  # [T]
+    level_of_key = jnp.minimum(fenwick_level(last[:, None], key_positions[None, :]), num_stack_levels - 1)  # [B, T]
+    in_level = level_of_key[None] == jnp.arange(num_stack_levels)[:, None, None]  # [L, B, T]
+    in_level &= key_positions[None, None, :] < num_real[None, :, None]
+
+    def stack_by_levels(x):  # [B, ...] -> [L·B, ...]
+        return jnp.broadcast_to(x[None], (num_stack_levels, *x.shape)).reshape(-1, *x.shape[1:])
+
+    level_values = jnp.where(in_level[..., None, None], v[None], 0).reshape(-1, *v.shape[1:])  # [L·B, T, H, V]
+    if beta is None:
+        _, final = ssd(stack_by_levels(k), stack_by_levels(k), level_values, stack_by_levels(log_a),
+                          return_final_state=True, chunk_size=chunk_size)
+    else:
+        _, final = gated_delta_rule(stack_by_levels(k), stack_by_levels(k), level_values, stack_by_levels(log_a),
+                                    stack_by_levels(beta), return_final_state=True, chunk_size=chunk_size)
+    final = final.reshape(num_stack_levels, batch, *final.shape[1:])  # [L, B, H, K, V]
+    return jnp.moveaxis(final, 0, 2).astype(jnp.float32)
 
 
 def _recurrent_loglinear(q, k, v, log_a, beta, lam, segment_ids):

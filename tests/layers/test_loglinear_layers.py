@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm.errors import ConfigError
 from jaxlm.generate import generate, greedy_without_cache
 from jaxlm.layers.gated_deltanet import GatedDeltaNet
 from jaxlm.layers.loglinear import LogLinearGatedDeltaNet, LogLinearMamba2
@@ -67,6 +68,9 @@ def test_level_params_and_levels_from_config(kind):
     config = dataclasses.replace(CONFIGS[kind], loglinear=LogLinearOptions(num_levels=9))
     assert nnx.eval_shape(lambda: CLASSES[kind][0](config, 0, rngs=nnx.Rngs(0))).level_weights.proj.kernel.shape \
         == (16, heads * 9)
+    too_few = dataclasses.replace(CONFIGS[kind], loglinear=LogLinearOptions(num_levels=6))
+    with pytest.raises(ConfigError, match=r"model.loglinear.num_levels.*at least .* = 7"):
+        CLASSES[kind][0](too_few, 0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,6 +15,7 @@ from jaxlm.ops.loglinear import (
     init_level_stack,
     loglinear_gated_delta_rule,
     loglinear_gated_delta_rule_step,
+    loglinear_prefill,
     loglinear_ssd,
     loglinear_ssd_step,
 )
@@ -289,6 +290,43 @@ def test_decode_rows_at_different_positions():
     out = np.asarray(jnp.stack(outs, axis=1))
     assert_close(out[1:, 5:], oracle(*(x[1:, 5:] for x in (q, k, v, log_a, beta, lam))), 1e-5)
     assert_close(out[:1], oracle(*(x[:1] for x in (q, k, v, log_a, beta, lam))), 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ssd", "gdn"])
+@pytest.mark.parametrize("stack_levels", [7, 8, 4])  # 7 = num_levels(37); 4 clamps (a scan, like decode)
+def test_chunked_prompt_prefill_equals_decode_steps(kind, stack_levels):
+    """A fresh right-padded prefill (the chunked path) leaves the same outputs and level stack as the decode
+    step applied to each row's real tokens one by one, then continues identically."""
+    length, lengths = 37, [37, 20, 1]
+    q, k, v, log_a, beta, lam = (jnp.asarray(x, jnp.float32)
+                                 for x in random_inputs(29, batch=3, length=length, groups=1, heads=2))
+    beta = None if kind == "ssd" else beta
+    real = jnp.asarray(np.arange(length)[None] < np.array(lengths)[:, None])  # [3, T]
+    empty = init_level_stack(3, 2, stack_levels, 4, 3)
+    out, levels, steps = jax.jit(loglinear_prefill, static_argnames="chunk_size")(
+        empty, jnp.zeros(3, jnp.int32), q, k, v, log_a, beta, lam, real, chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(steps), lengths)
+    step = jax.jit(loglinear_ssd_step if kind == "ssd" else loglinear_gated_delta_rule_step)
+    for row, row_length in enumerate(lengths):
+        stack = empty[row:row + 1]
+        for t in range(row_length):
+            args = [x[row:row + 1, t] for x in (q, k, v, log_a) + (() if beta is None else (beta,))]
+            o_t, stack = step(stack, jnp.full((1,), t, jnp.int32), *args, lam[row:row + 1, t])
+            assert_close(out[row, t], o_t[0], 1e-5)
+        assert_close(levels[row], stack[0], 1e-5)
+
+
+def test_continued_prefill_uses_the_existing_stack():
+    """A second prefill on a non-empty stack (the scanned path) continues it exactly."""
+    q, k, v, log_a, beta, lam = (jnp.asarray(x, jnp.float32) for x in random_inputs(31, length=21, heads=2))
+    empty = init_level_stack(2, 2, num_levels(21), 4, 3)
+    full, full_levels, _ = loglinear_prefill(empty, jnp.zeros(2, jnp.int32), q, k, v, log_a, beta, lam)
+    first, levels, steps = loglinear_prefill(empty, jnp.zeros(2, jnp.int32), *(x[:, :13] for x in (q, k, v, log_a,
+                                             beta, lam)))
+    second, levels, steps = loglinear_prefill(levels, steps, *(x[:, 13:] for x in (q, k, v, log_a, beta, lam)))
+    assert_close(jnp.concatenate([first, second], axis=1), full, 1e-5)
+    assert_close(levels, full_levels, 1e-5)
+    np.testing.assert_array_equal(np.asarray(steps), [21, 21])
 
 
 # ----------------------------------------------------------------------------------------------- errors
