@@ -35,7 +35,8 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
       initial_state: ``[B, H, K, V]`` state before token 0 (zeros when None).
       return_final_state: also return the state after the last token.
       impl: ``"recurrent"`` (a scan over time, the reference), ``"chunked"`` (the chunkwise SSD form),
-        ``"auto"`` (the chunked form for now) or ``"pallas"`` (not built yet).
+        ``"auto"`` (the chunked form for now) or ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward
+        kernels, interpret mode on CPU; no segment ids).
       chunk_size: tokens per chunk of the chunked form (any T is accepted).
       segment_ids: ``[B, T]`` int; the state resets where the id changes from the previous token.
 
@@ -52,8 +53,12 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
     elif impl in ("chunked", "auto"):
         out, final_state = _ssd_chunked(q, k, v, log_a, initial_state, starts, chunk_size)
     else:
-        raise NotImplementedError("ssd(impl='pallas'): the Pallas kernel for SSD is not built yet; "
-                                  "use impl='chunked', 'recurrent' or 'auto'")
+        if segment_ids is not None:
+            raise ValueError("ssd(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
+                             "impl='chunked' (or 'auto') for packed sequences")
+        from pallas_kernels.ssd import ssd_pallas  # the kernels import jaxlm.ops for their reference backward
+
+        out, final_state = ssd_pallas(q, k, v, log_a, initial_state, chunk_size)
     out = out.astype(v.dtype)
     return (out, final_state) if return_final_state else out
 

@@ -1,0 +1,129 @@
+"""Linear-family op timings: forward and forward+backward ms per impl and shape, vs cuDNN flash attention.
+
+    python benchmarks/linear_ops.py                      # the issue's shapes (bf16, H=16, K=V=128, 16K tokens)
+    python benchmarks/linear_ops.py --ops ssd --shapes 1x16384 --impls pallas,chunked
+
+For each op (ssd, gdn, loglinear_ssd, loglinear_gdn) and (B, T) it prints forward and forward+backward
+milliseconds (median of repeats after warm-up), achieved TFLOP/s against the bf16 matmul peak measured in
+the same run, and the ratio to cuDNN causal flash attention on the same shape (H heads of dim K). FLOPs are
+the chunked algorithm's matmul FLOPs (backward counted as 2x forward); attention's are ``2·T²·D·H·B``
+forward (causal half of ``4·T²·D``). An impl that cannot run (e.g. no Pallas kernel for the op, or no
+cuDNN on CPU) prints ``-`` with its reason in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peaks import matmul_peak_tflops, median_seconds  # noqa: E402
+
+from jaxlm import ops  # noqa: E402
+
+DEFAULT_SHAPES = "8x2048,4x4096,2x8192,1x16384,1x32768"
+OPS = ("ssd", "gdn", "loglinear_ssd", "loglinear_gdn")
+
+
+def make_inputs(op: str, batch: int, length: int, heads: int, dim: int, dtype) -> tuple:
+    """Random op inputs ``(q, k, v, log_a[, beta][, lam])`` with unit-norm keys and moderate decays."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    q = (jax.random.normal(keys[0], (batch, length, heads, dim)) / np.sqrt(dim)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, length, heads, dim))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, length, heads, dim)).astype(dtype)
+    log_a = -jax.random.uniform(keys[3], (batch, length, heads), minval=0.001, maxval=0.1)
+    beta = jax.random.uniform(keys[4], (batch, length, heads), minval=0.1, maxval=0.9)
+    levels = (length - 1).bit_length() + 1
+    lam = jax.random.uniform(keys[5], (batch, length, heads, levels), minval=0.5, maxval=1.5)
+    inputs = {"ssd": (q, k, v, log_a), "gdn": (q, k, v, log_a, beta),
+              "loglinear_ssd": (q, k, v, log_a, lam), "loglinear_gdn": (q, k, v, log_a, beta, lam)}
+    return inputs[op]
+
+
+def op_function(op: str, impl: str):
+    """``inputs -> outputs`` of ``op`` with ``impl``."""
+    function = {"ssd": ops.ssd, "gdn": ops.gated_delta_rule, "loglinear_ssd": ops.loglinear_ssd,
+                "loglinear_gdn": ops.loglinear_gated_delta_rule}[op]
+    return lambda *inputs: function(*inputs, impl=impl)
+
+
+def attention_function():
+    """cuDNN causal flash attention on ``(q, k, v)`` of the same shape."""
+    return lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def forward_and_train_ms(function, inputs) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ``function(*inputs)`` with loss ``sum(out²)``."""
+    forward = jax.jit(function)
+    differentiable = tuple(range(len(inputs)))
+    train = jax.jit(jax.grad(lambda *x: jnp.sum(jnp.square(function(*x).astype(jnp.float32))), differentiable))
+    return 1e3 * median_seconds(lambda: forward(*inputs)), 1e3 * median_seconds(lambda: train(*inputs))
+
+
+def linear_flops(op: str, batch: int, length: int, heads: int, dim: int, chunk: int = 64) -> float:
+    """Forward matmul FLOPs of the chunked algorithm: ``2C(K+V) + 4KV`` per token and head (+ the UT
+    transform's ``2C·K + C²·V`` for the delta rule); log-linear ops multiply the inter-chunk part by levels."""
+    per_token = 2 * chunk * 2 * dim + 4 * dim * dim
+    if op in ("gdn", "loglinear_gdn"):
+        per_token += 2 * chunk * dim + chunk * dim
+    if op.startswith("loglinear"):
+        per_token += 4 * dim * dim * ((length - 1).bit_length())
+    return float(per_token * batch * length * heads)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--impls", default="pallas,chunked")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxT,BxT,...")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--json", default="", help="write all rows here too")
+    parser.add_argument("--peak-size", type=int, default=8192, help="n of the n×n×n bf16 peak product")
+    args = parser.parse_args(argv)
+    dtype = jnp.bfloat16
+    peak = matmul_peak_tflops(args.peak_size)
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        q, k, v = make_inputs("ssd", batch, length, args.heads, args.dim, dtype)[:3]
+        try:
+            attention_ms = forward_and_train_ms(attention_function(), (q, k, v))
+        except Exception as error:  # noqa: BLE001 - no cuDNN on this backend: report and go on
+            print(f"  cudnn attention {shape}: {type(error).__name__}: {str(error)[:200]}")
+            attention_ms = (float("nan"), float("nan"))
+        attention_flops = 2.0 * length * length * args.dim * args.heads * batch
+        rows.append(dict(op="cudnn_attention", impl="cudnn", batch=batch, length=length, fwd_ms=attention_ms[0],
+                         fwd_bwd_ms=attention_ms[1], tflops=attention_flops / attention_ms[0] / 1e9))
+        for op in args.ops.split(","):
+            inputs = make_inputs(op, batch, length, args.heads, args.dim, dtype)
+            for impl in args.impls.split(","):
+                try:
+                    fwd_ms, fwd_bwd_ms = forward_and_train_ms(op_function(op, impl), inputs)
+                except Exception as error:  # noqa: BLE001 - e.g. no kernel for this op yet
+                    print(f"  {op}/{impl} {shape}: {type(error).__name__}: {str(error)[:200]}")
+                    continue
+                flops = linear_flops(op, batch, length, args.heads, args.dim)
+                rows.append(dict(op=op, impl=impl, batch=batch, length=length, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+                                 tflops=flops / fwd_ms / 1e9, vs_attention=fwd_bwd_ms / attention_ms[1]))
+    print(f"\n{'op':<16}{'impl':<9}{'B x T':>12}{'fwd ms':>9}{'fwd+bwd':>9}{'TFLOP/s':>9}{'%peak':>7}{'/attn':>7}")
+    for row in rows:
+        ratio = row.get("vs_attention", float("nan"))
+        print(f"{row['op']:<16}{row['impl']:<9}{row['batch']:>5} x {row['length']:<6}{row['fwd_ms']:>9.3f}"
+              f"{row['fwd_bwd_ms']:>9.3f}{row['tflops']:>9.1f}{100 * row['tflops'] / peak:>7.1f}{ratio:>7.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "peak_tflops": peak,
+                       "rows": rows}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
