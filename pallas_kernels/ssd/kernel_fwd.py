@@ -23,19 +23,27 @@ from jax.experimental import pallas as pl
 from pallas_kernels.registry import interpret_mode
 
 
+def _contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
+    """``Σ_c a[.., c, ..] b[.., c, ..]`` over ``a_axis``/``b_axis`` with float32 accumulation; float32 operands
+    get full float32 products (``Precision.HIGHEST``: no TF32 on GPU), bf16 operands the bf16 tensor cores."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` with float32 accumulation."""
-    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32."""
+    return _contract(a, b, 1, 0)
 
 
 def _dot_transposed_lhs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``aᵀ @ b`` with float32 accumulation: ``[C, K], [C, V] -> [K, V]``."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """``aᵀ @ b``: ``[C, K], [C, V] -> [K, V]`` float32."""
+    return _contract(a, b, 0, 0)
 
 
 def _dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ bᵀ`` with float32 accumulation: ``[C, K], [C, K] -> [C, C]``."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    """``a @ bᵀ``: ``[C, K], [C', K] -> [C, C']`` float32."""
+    return _contract(a, b, 1, 1)
 
 
 def _chunk_states_kernel(k_ref, v_ref, cum_ref, initial_ref, states_ref, final_ref, *, chunk: int,
