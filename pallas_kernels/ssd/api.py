@@ -25,17 +25,17 @@ def ssd_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, initi
     ``UnsupportedShapeError`` for head dims the kernels do not tile.
     """
     blocks = ssd_blocks(q.shape[-1], v.shape[-1], chunk_size)
-    return _ssd(q, k, v, log_a, initial_state.astype(jnp.float32), blocks.chunk, blocks.value_block)
+    return _ssd(q, k, v, log_a, initial_state.astype(jnp.float32), blocks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _ssd(q, k, v, log_a, initial_state, chunk, value_block):
-    return _ssd_forward(q, k, v, log_a, initial_state, chunk, value_block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ssd(q, k, v, log_a, initial_state, blocks):
+    return _ssd_forward(q, k, v, log_a, initial_state, blocks)
 
 
-def _ssd_forward(q, k, v, log_a, initial_state, chunk, value_block):
+def _ssd_forward(q, k, v, log_a, initial_state, blocks):
     """Pad T to whole chunks (``log_a = 0``, ``k = v = 0`` leave the state unchanged), go head-major, run."""
-    length = q.shape[1]
+    length, chunk = q.shape[1], blocks.chunk
     pad = -length % chunk
 
     def head_major(x):  # [B, T, X, D] -> [B, X, T + pad, D]
@@ -46,21 +46,22 @@ def _ssd_forward(q, k, v, log_a, initial_state, chunk, value_block):
     cum = jnp.cumsum(log_a.reshape(batch, padded // chunk, chunk, heads), axis=2)  # within-chunk sums
     cum = cum.reshape(batch, padded, heads).transpose(0, 2, 1)  # [B, H, T']
     q_h, k_h, v_h = head_major(q), head_major(k), head_major(v)
-    states, final_state = chunk_states(k_h, v_h, cum, initial_state, chunk=chunk, value_block=value_block)
-    out = chunk_outputs(q_h, k_h, v_h, cum, states, chunk=chunk, value_block=value_block)  # [B, H, T', V]
+    states, final_state = chunk_states(k_h, v_h, cum, initial_state, chunk=chunk, value_block=blocks.value_block,
+                                       key_block=blocks.key_block)  # [B, H, N, K, V], [B, H, K, V]
+    out = chunk_outputs(q_h, k_h, v_h, cum, states, chunk=chunk, value_block=blocks.value_block)  # [B, H, T', V]
     return out.transpose(0, 2, 1, 3)[:, :length], final_state
 
 
-def _ssd_fwd_rule(q, k, v, log_a, initial_state, chunk, value_block):
-    return _ssd_forward(q, k, v, log_a, initial_state, chunk, value_block), (q, k, v, log_a, initial_state)
+def _ssd_fwd_rule(q, k, v, log_a, initial_state, blocks):
+    return _ssd_forward(q, k, v, log_a, initial_state, blocks), (q, k, v, log_a, initial_state)
 
 
-def _ssd_bwd_rule(chunk, value_block, residuals, cotangents):
+def _ssd_bwd_rule(blocks, residuals, cotangents):
     from jaxlm.ops.ssd import ssd  # the XLA reference lives in jaxlm; imported lazily to keep layers separate
 
     def reference(q, k, v, log_a, initial_state):
         return ssd(q, k, v, log_a, initial_state=initial_state, return_final_state=True, impl="chunked",
-                   chunk_size=chunk)
+                   chunk_size=blocks.chunk)
 
     _, vjp = jax.vjp(reference, *residuals)
     return vjp(cotangents)

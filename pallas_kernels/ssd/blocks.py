@@ -1,8 +1,9 @@
 """Block sizes of the SSD kernels, per backend (the one place they are chosen).
 
-``chunk``: tokens per chunk (the intra-chunk attention block); ``value_block``: value columns per program.
-GPU (Triton): 64-token chunks and 64-column value blocks keep the [C, K] + [K, BV] tiles in registers for
-K = 128. TPU tiles are multiples of 8 x 128, so the value block is the whole value dimension there.
+``chunk``: tokens per chunk (the intra-chunk attention block); ``value_block`` / ``key_block``: value columns
+per program, and state rows per program of the sequential chunk-state pass (its rows are independent, so
+splitting K multiplies that pass's parallelism). GPU (Triton): 64-token chunks and 64 x 64 state tiles.
+TPU tiles are multiples of 8 x 128, so the blocks are the whole head dims there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pallas_kernels.registry import UnsupportedShapeError, backend
 class SSDBlocks:
     chunk: int
     value_block: int
+    key_block: int
 
 
 def ssd_blocks(key_dim: int, value_dim: int, chunk_size: int | None = None) -> SSDBlocks:
@@ -27,5 +29,6 @@ def ssd_blocks(key_dim: int, value_dim: int, chunk_size: int | None = None) -> S
     chunk = 64 if chunk_size is None else chunk_size
     if chunk < 16 or chunk & (chunk - 1):
         raise UnsupportedShapeError(f"ssd pallas kernel: chunk_size={chunk} must be a power of two >= 16")
-    value_block = value_dim if backend() == "tpu" else min(value_dim, 64)
-    return SSDBlocks(chunk=chunk, value_block=value_block)
+    if backend() == "tpu":
+        return SSDBlocks(chunk=chunk, value_block=value_dim, key_block=key_dim)
+    return SSDBlocks(chunk=chunk, value_block=min(value_dim, 64), key_block=min(key_dim, 64))

@@ -2,7 +2,7 @@
 
 Two passes, as in the chunkwise algorithm:
 
-1. ``chunk_states``: one program per (batch, head, value block) walks the chunks in order and stores the
+1. ``chunk_states``: one program per (batch, head, key block, value block) walks the chunks in order and stores the
    state entering every chunk, ``S_{n+1} = exp(c_last) S_n + (k ⊙ exp(c_last − c))ᵀ v`` with ``c`` the
    within-chunk cumulative log gates; it also writes the final state.
 2. ``chunk_outputs``: one program per (batch, head, chunk, value block), all in parallel:
@@ -78,7 +78,7 @@ def _chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, c
 
 
 def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array, *, chunk: int,
-                 value_block: int) -> tuple[jax.Array, jax.Array]:
+                 value_block: int, key_block: int) -> tuple[jax.Array, jax.Array]:
     """States entering every chunk ``[B, H, N, K, V]`` float32 and the final state ``[B, H, K, V]`` float32."""
     batch, groups, length, key_dim = k.shape
     heads, value_dim = v.shape[1], v.shape[3]
@@ -87,16 +87,16 @@ def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array,
     kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=num_chunks)
     return pl.pallas_call(
         kernel,
-        grid=(batch, heads, value_dim // value_block),
+        grid=(batch, heads, key_dim // key_block, value_dim // value_block),
         in_specs=[
-            pl.BlockSpec((None, None, length, key_dim), lambda b, h, j: (b, h // group_of, 0, 0)),
-            pl.BlockSpec((None, None, length, value_block), lambda b, h, j: (b, h, 0, j)),
-            pl.BlockSpec((None, None, length), lambda b, h, j: (b, h, 0)),
-            pl.BlockSpec((None, None, key_dim, value_block), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, length, key_block), lambda b, h, i, j: (b, h // group_of, 0, i)),
+            pl.BlockSpec((None, None, length, value_block), lambda b, h, i, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
+            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, num_chunks, key_dim, value_block), lambda b, h, j: (b, h, 0, 0, j)),
-            pl.BlockSpec((None, None, key_dim, value_block), lambda b, h, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
+            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],

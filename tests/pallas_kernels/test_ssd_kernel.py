@@ -47,6 +47,15 @@ def test_forward_matches_float64_recurrence(length, chunk, groups, heads):
     assert_close(final, expected_final, 1e-5)
 
 
+def test_state_tiles_split_over_key_and_value_blocks():
+    """Head dims of 128 are split into 64 x 64 state tiles on GPU/CPU (2 x 2 programs per head)."""
+    inputs = random_inputs(11, length=20, heads=2, key_dim=128, value_dim=128)
+    out, final = ssd_pallas(*(jnp.asarray(x, jnp.float32) for x in inputs), 16)
+    expected_out, expected_final = float64_recurrence(*inputs)
+    assert_close(out, expected_out, 1e-5)
+    assert_close(final, expected_final, 1e-5)
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
     inputs = random_inputs(3)
     q, k, v, log_a = (jnp.asarray(x, jnp.bfloat16) for x in inputs[:4])
