@@ -9,7 +9,8 @@ Per token ``H_t = I − β_t w_t w_tᵀ`` (``w_t`` a unit direction, ``β_t ∈ 
 
 (paper section 3; the gate in the PaTH-FoX form). ``impl="naive"`` carries every key through the
 Householders one token at a time (O(T²·D), the readable reference); ``impl="blockwise"`` is the
-FlashAttention-style algorithm of ``jaxlm.ops.path_blockwise``. Decoding keeps the keys already carried
+FlashAttention-style algorithm of ``jaxlm.ops.path_blockwise``, with the linear-memory backward pass of
+``jaxlm.ops.path_blockwise_vjp``. Decoding keeps the keys already carried
 through every Householder so far (``path_prefill_keys`` builds them for a prompt, ``path_decode_step``
 moves them on by one token).
 
@@ -22,15 +23,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.ops.path_blockwise import (MASKED_LOGIT, accumulation_dtype, blockwise_path_attention,
-                                      keys_to_sequence_end)
+from jaxlm.ops.path_blockwise import MASKED_LOGIT, accumulation_dtype, keys_to_sequence_end
+from jaxlm.ops.path_blockwise_vjp import path_attention_linear_memory
 
 PATH_IMPLS = ("naive", "blockwise", "pallas", "auto")
 
 
 def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta: jax.Array,
                    log_f: jax.Array | None = None, *, scale: float | None = None, impl: str = "blockwise",
-                   block_size: int = 64, segment_ids: jax.Array | None = None) -> jax.Array:
+                   block_size: int = 64, segment_ids: jax.Array | None = None,
+                   backward_group_size: int = 4) -> jax.Array:
     """PaTH attention ``o_i = Σ_{j≤i} softmax_j(scale·q_iᵀ H_i … H_{j+1} k_j + G_i − G_j) v_j`` (module docstring).
 
     Args:
@@ -43,6 +45,8 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
       impl: ``"naive"``, ``"blockwise"``, ``"auto"`` (= blockwise for now) or ``"pallas"`` (not built yet).
       block_size: tokens per block of the blockwise form (any T works: the tail is padded and masked).
       segment_ids: ``[B, T]`` int ids of contiguous packed segments; no attention across segments.
+      backward_group_size: query blocks that share one scan of the blockwise backward pass (its memory is
+        O(backward_group_size · block_size · T · D), linear in T; larger groups mean fewer sequential steps).
 
     Returns ``[B, T, H, D]`` in q's dtype; gates, Householders and softmax run in float32.
     """
@@ -54,9 +58,11 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
     if impl == "naive":
         return naive_path_attention(q, k, v, w, beta, log_f, scale=scale, segment_ids=segment_ids)
     if impl in ("blockwise", "auto"):
-        if not (isinstance(block_size, int) and block_size > 0):
-            raise ValueError(f"path_attention block_size must be a positive integer, got {block_size!r}")
-        return blockwise_path_attention(q, k, v, w, beta, log_f, scale, block_size, segment_ids)
+        for name, value in (("block_size", block_size), ("backward_group_size", backward_group_size)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"path_attention {name} must be a positive integer, got {value!r}")
+        return path_attention_linear_memory(q, k, v, w, beta, log_f, segment_ids, scale, block_size,
+                                            backward_group_size)
     raise ValueError(f"path_attention impl must be one of {PATH_IMPLS}, got {impl!r}")
 
 

@@ -223,15 +223,15 @@ def test_bad_arguments_name_what_is_wrong():
 
 @pytest.mark.slow
 def test_long_sequence_has_no_nans():
-    """8192 tokens through the blockwise form (64K is too slow for CPU CI with quadratic attention)."""
-    length = 8192
+    """65536 bf16 tokens through the blockwise forward (one head, D = 16, blocks of 2048) stay finite."""
+    length = 65536
     rng = np.random.default_rng(7)
-    shape = (1, length, 1, 8)
+    shape = (1, length, 1, 16)
     q, k, v, w = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for _ in range(4))
     w = w / jnp.linalg.norm(w.astype(jnp.float32), axis=-1, keepdims=True)
     beta = jnp.asarray(rng.uniform(0.0, 2.0, size=shape[:3]), jnp.float32)
     log_f = jnp.asarray(np.log(rng.uniform(0.9, 1.0, size=shape[:3])), jnp.float32)
-    out = jax.jit(functools.partial(path_attention, block_size=256))(q, k, v, w, beta, log_f)
+    out = jax.jit(functools.partial(path_attention, block_size=2048))(q, k, v, w, beta, log_f)
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     assert float(jnp.abs(out.astype(jnp.float32)).max()) > 0.1
 
