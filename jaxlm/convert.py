@@ -3,6 +3,9 @@
 The layouts match one to one (RoPE uses the same rotate-half convention), so the import is a renaming:
 torch linear weights ``[out, in]`` become our kernels ``[in, out]``; the embedding and norm scales are
 copied as they are. torch is only touched through the objects the caller passes in.
+
+``to_ladder`` rewires the last k layers of an imported (or any standard) model as Ladder-residual layers
+with the same weights (Zhang et al. 2025, section 5: convert the upper layers, then fine-tune briefly).
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -157,3 +163,25 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     if hasattr(tensor, "detach"):
         tensor = tensor.detach().cpu().float().numpy()
     return np.asarray(tensor, np.float32)
+
+
+def to_ladder(model: DecoderLM, num_ladder_layers: int) -> DecoderLM:
+    """A copy of the standard ``model`` whose last ``num_ladder_layers`` layers use the Ladder residual.
+
+    Layers ``0 .. L-k-1`` keep ``x = x + h(x)``; from layer ``L-k`` on, each module reads the stream without
+    the previous module's output (``jaxlm.models.ladder``). No parameter changes: the result shares none
+    of ``model``'s arrays (they are copied). Zero-shot, the converted model is a different function; the
+    paper recovers the original quality with a short fine-tune. A scanned model converts only whole
+    (``num_ladder_layers = L``), since a scan repeats one residual wiring.
+    """
+    config = model.config
+    require(config.residual_mode == "standard", "model.residual_mode", config.residual_mode,
+            "'standard' (to_ladder converts a standard model)")
+    require(isinstance(num_ladder_layers, int) and 0 < num_ladder_layers <= config.num_layers, "num_ladder_layers",
+            num_ladder_layers, f"an integer in [1, model.num_layers={config.num_layers}]")
+    ladder_config = dataclasses.replace(config, residual_mode="ladder",
+                                        ladder_start_layer=config.num_layers - num_ladder_layers).validate()
+    converted = nnx.eval_shape(lambda: DecoderLM(ladder_config, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(jnp.array, nnx.state(model))  # fresh copies of every array
+    nnx.update(converted, state)
+    return converted

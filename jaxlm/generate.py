@@ -8,7 +8,6 @@ per (batch size, padded prompt length, cache length, max_new_tokens, sampling) a
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, require
+from jaxlm.models.ladder import GPU_DECODE_COMPILER_OPTIONS
 from jaxlm.sampling import SamplingConfig, sample_tokens
 
 __all__ = ["SamplingConfig", "sample_tokens", "generate", "load_model_from_checkpoint",
@@ -51,7 +51,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
-    new_tokens = _generate_jit(
+    new_tokens = _generate_function(config)(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
         _padded_stop_tokens(stop_tokens), sampling=sampling, max_new_tokens=max_new_tokens,
         cache_length=cache_length, pad_id=pad_id, vocab_limit=vocab_limit)
@@ -117,9 +117,7 @@ def _cut_at_stop(tokens: list[int], stop_tokens: Sequence[int]) -> list[int]:
     return tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "cache_length", "pad_id",
-                                             "vocab_limit"))
-def _generate_jit(graphdef, state, tokens, lengths, rng, stop_tokens, *, sampling, max_new_tokens, cache_length,
+def _generate_body(graphdef, state, tokens, lengths, rng, stop_tokens, *, sampling, max_new_tokens, cache_length,
                   pad_id, vocab_limit):
     """Prefill ``tokens [B, P]`` and decode; returns the new tokens ``[B, max_new_tokens]`` (pad after a stop).
 
@@ -156,6 +154,20 @@ def _generate_jit(graphdef, state, tokens, lengths, rng, stop_tokens, *, samplin
     carry = (jnp.int32(1), first, output, done, cache, rng)
     output = jax.lax.while_loop(keep_going, decode_one, carry)[2]
     return output
+
+
+_STATIC_ARGUMENTS = ("graphdef", "sampling", "max_new_tokens", "cache_length", "pad_id", "vocab_limit")
+_generate_jit = jax.jit(_generate_body, static_argnames=_STATIC_ARGUMENTS)
+# Tensor-parallel models on GPU: keep XLA from merging a layer's independent all-reduces (see
+# jaxlm.models.ladder.GPU_DECODE_COMPILER_OPTIONS), which would serialise the ladder's overlap.
+_generate_jit_tensor_parallel_gpu = jax.jit(_generate_body, static_argnames=_STATIC_ARGUMENTS,
+                                            compiler_options=GPU_DECODE_COMPILER_OPTIONS)
+
+
+def _generate_function(config):
+    """The jitted generation loop for a model: with the decode compiler options for TP blocks on GPU."""
+    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    return _generate_jit_tensor_parallel_gpu if on_gpu and config.uses_tp_blocks else _generate_jit
 
 
 def _prefill(model, tokens: jax.Array, lengths: jax.Array, cache_length: int):

@@ -1,5 +1,6 @@
 """Hugging Face Llama import: our logits equal transformers' on a tiny randomly initialised Llama."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,3 +107,33 @@ def test_missing_unexpected_and_misshaped_weights_are_named():
 
     with pytest.raises(ConfigError, match="hf_config"):
         llama_from_hf(state)
+
+
+def test_to_ladder_rewires_the_last_layers_with_the_same_weights():
+    from flax import nnx
+
+    from jaxlm.convert import to_ladder
+
+    hf_model = _hf_llama(seed=2, num_hidden_layers=3)
+    model = llama_from_hf(hf_model)
+    converted = to_ladder(model, 2)
+    assert converted.config.residual_mode == "ladder" and converted.config.ladder_start_layer == 1
+    original = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(converted, nnx.Param))),
+                            jax.tree.leaves(original)):
+        np.testing.assert_array_equal(ours, theirs)
+    tokens = jnp.asarray(TOKENS[:, :11], jnp.int32)
+    # Written out: layer 0 standard; then r_j = r_{j-1} + h_j(r_{j-2}) over the 4 modules of layers 1 and 2.
+    blocks = model.layers.blocks
+    x, _ = blocks[0](model.embed(tokens), positions=None)
+    stream = [x, x]
+    for block in blocks[1:]:
+        for module in (lambda v, b=block: b.mixer_branch(v, positions=None)[0], block.mlp_branch):
+            stream.append(stream[-1] + module(stream[-2]))
+    expected = model.lm_head(model.final_norm(stream[-1]))
+    np.testing.assert_allclose(converted(tokens), expected, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(converted(tokens) - model(tokens)).max()) > 1e-3  # a different function zero-shot
+    with pytest.raises(ConfigError, match="num_ladder_layers"):
+        to_ladder(model, 4)
+    with pytest.raises(ConfigError, match="residual_mode"):
+        to_ladder(converted, 1)

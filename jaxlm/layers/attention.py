@@ -57,9 +57,11 @@ class Attention(nnx.Module):
         then only mark prefill padding and are not needed).
         """
         batch_size, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch_size, length, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).reshape(batch_size, length, self.num_kv_heads, self.head_dim)  # [B, T, G, D]
-        v = self.v_proj(x).reshape(batch_size, length, self.num_kv_heads, self.head_dim)  # [B, T, G, D]
+        # Head counts come from the projections, so under tensor parallelism (column-split q/k/v, row-split
+        # o_proj inside a shard_map) this runs on the local heads and returns this device's partial sum.
+        q = self.q_proj(x).reshape(batch_size, length, -1, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).reshape(batch_size, length, -1, self.head_dim)  # [B, T, G, D]
+        v = self.v_proj(x).reshape(batch_size, length, -1, self.head_dim)  # [B, T, G, D]
         rope_positions = default_positions(positions, batch_size, length)  # [B, T]
         q = apply_rope(q, rope_positions, self.rope_theta)
         k = apply_rope(k, rope_positions, self.rope_theta)
@@ -73,7 +75,7 @@ class Attention(nnx.Module):
             slots = default_positions(None, batch_size, cache["k"].shape[1])  # [B, S]
             out = attention(q, cache["k"], cache["v"], q_positions=rope_positions, kv_positions=slots,
                             impl=self.impl)
-        out = out.reshape(batch_size, length, self.num_heads * self.head_dim)  # [B, T, H*D]
+        out = out.reshape(batch_size, length, -1)  # [B, T, H*D]
         return self.o_proj(out), cache
 
     def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype | None = None) -> KVCache:

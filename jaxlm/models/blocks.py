@@ -37,10 +37,22 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions, segment_ids=None, cache=None) -> tuple[jax.Array, Any]:
         """``x: [B, T, d_model]`` -> (``[B, T, d_model]``, the mixer's updated cache or None)."""
-        mixed, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
+        mixed, cache = self.mixer_branch(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = x + mixed
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp_branch(x)
         return x, cache
+
+    def mixer_branch(self, x: jax.Array, *, positions, segment_ids=None, cache=None) -> tuple[jax.Array, Any]:
+        """The mixer module's residual branch ``mixer(mixer_norm(x))``: ``[B, T, d_model]`` -> (same, cache).
+
+        Inside a tensor-parallel ``shard_map`` the projections hold this device's heads, so the result
+        is this device's partial sum of the branch (summed over the ``tensor`` axis by the caller).
+        """
+        return self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
+
+    def mlp_branch(self, x: jax.Array) -> jax.Array:
+        """The MLP module's residual branch ``mlp(mlp_norm(x))`` (a partial sum under tensor parallelism)."""
+        return self.mlp(self.mlp_norm(x))
 
     def init_cache(self, batch_size: int, max_length: int) -> Any:
         """The mixer's empty decode state, in the compute dtype."""
@@ -54,9 +66,14 @@ def call_layer(layer: nnx.Module, x: jax.Array, positions, segment_ids, cache, r
     def forward(layer, x, positions, segment_ids, cache):
         return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
-    if remat != "none":
-        forward = nnx.remat(forward, policy=REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=prevent_cse)
-    return forward(layer, x, positions, segment_ids, cache)
+    return rematerialized(forward, remat, prevent_cse)(layer, x, positions, segment_ids, cache)
+
+
+def rematerialized(fn, remat: str, prevent_cse: bool = True):
+    """``fn`` wrapped in ``nnx.remat`` with the policy named by ``remat``; ``fn`` itself when it is "none"."""
+    if remat == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=prevent_cse)
 
 
 class BlockSequence(nnx.Module):

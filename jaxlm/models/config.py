@@ -10,6 +10,8 @@ from jaxlm.models.mixer_options import GatedDeltaNetOptions, LogLinearOptions, M
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# How each layer's modules add their outputs to the residual stream (jaxlm.models.ladder).
+RESIDUAL_MODES = ("standard", "parallel", "ladder", "upper_bound")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention_impl: str = "xla"
     init_std: float = 0.02
+    residual_mode: str = "standard"
+    ladder_start_layer: int = 0
+    tp_shard_map: bool = False
     mamba2: Mamba2Options = Mamba2Options()
     gated_deltanet: GatedDeltaNetOptions = GatedDeltaNetOptions()
     loglinear: LogLinearOptions = LogLinearOptions()
@@ -48,6 +53,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def uses_tp_blocks(self) -> bool:
+        """Whether the blocks run through ``jaxlm.models.ladder`` (explicit tensor-parallel residual wiring)."""
+        return self.residual_mode != "standard" or self.tp_shard_map
 
     @property
     def mixer_pattern(self) -> tuple[str, ...]:
@@ -88,6 +98,14 @@ class ModelConfig:
         require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive number")
         require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "a positive number")
         require(self.init_std > 0, "model.init_std", self.init_std, "a positive number")
+        require(self.residual_mode in RESIDUAL_MODES, "model.residual_mode", self.residual_mode,
+                f"one of {RESIDUAL_MODES}")
+        require(isinstance(self.ladder_start_layer, int) and 0 <= self.ladder_start_layer < self.num_layers,
+                "model.ladder_start_layer", self.ladder_start_layer,
+                f"an integer in [0, model.num_layers={self.num_layers})")
+        require(isinstance(self.tp_shard_map, bool), "model.tp_shard_map", self.tp_shard_map, "True or False")
+        require(self.ladder_start_layer == 0 or not self.scan_layers, "model.ladder_start_layer",
+                self.ladder_start_layer, "0 when model.scan_layers is True (a scan repeats one residual wiring)")
         for options in (self.mamba2, self.gated_deltanet, self.loglinear, self.path):
             options.validate()
         return self

@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxlm.layers.embed import Embed, dense
 from jaxlm.layers.norms import RMSNorm
+from jaxlm.models import ladder
 from jaxlm.models.blocks import BlockSequence, ScannedLayers
 from jaxlm.models.config import ModelConfig
 
@@ -21,6 +22,9 @@ class DecoderLM(nnx.Module):
     ``config.scan_layers``, ``ScannedLayers``: layer i is ``layers.groups.blocks[i % period]`` at
     stack index ``i // period``), ``final_norm`` and ``lm_head [embed, vocab]`` (absent when
     ``config.tie_embeddings``). Each layer's mixer is built by name from ``config.layer_mixers()``.
+    ``config.residual_mode`` other than "standard" (or ``config.tp_shard_map``) wires the same blocks
+    through ``jaxlm.models.ladder`` (tensor-parallel under a mesh set with ``jax.set_mesh``); the
+    parameters are the same in every mode.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -77,7 +81,10 @@ class DecoderLM(nnx.Module):
 
     def _forward(self, tokens, positions, segment_ids, cache) -> tuple[jax.Array, Any]:
         x = self.embed(tokens)  # [B, T, d_model]
-        x, cache = self.layers(x, positions=positions, segment_ids=segment_ids, cache=cache)
+        if self.config.uses_tp_blocks:
+            x, cache = ladder.apply_layers(self.layers, self.config, x, positions, segment_ids, cache)
+        else:
+            x, cache = self.layers(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)  # [B, T, V]
         return logits.astype(jnp.float32), cache

@@ -76,7 +76,9 @@ def train(config: RunConfig, *, resume: bool = True, step_callback: StepCallback
 
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    with MetricsLogger(config.train.output_dir, total_steps=config.train.steps) as logger:
+    # The mesh is current while steps trace, so tensor-parallel blocks find it (jaxlm.parallel.tp); the model
+    # is built outside it (NNX creates params with logical axis names before they are mapped to mesh axes).
+    with jax.set_mesh(mesh), MetricsLogger(config.train.output_dir, total_steps=config.train.steps) as logger:
         logger.truncate_after(start_step)
         try:
             for step in range(start_step + 1, config.train.steps + 1):
