@@ -73,6 +73,9 @@ def test_shipped_configs_are_valid():
     paths = sorted(glob.glob(os.path.join(root, "configs", "**", "*.py"), recursive=True))
     assert any(path.endswith(os.path.join("configs", "quickstart.py")) for path in paths)
     for path in paths:
+        with open(path, encoding="utf-8") as file:
+            if "\nRUN_CONFIG = False\n" in file.read():  # an experiment's own config (its script validates it)
+                continue
         overrides = {"data.path": "README.md"} if "llama_125m" in path else {}
         config = load_config_file(path, overrides)
         assert dataclasses.is_dataclass(config)

@@ -8,6 +8,10 @@ Presets: ``full`` (one GPU, ≤ 20 minutes), ``cpu`` (a reduced run for a 2-core
 
 import ml_collections
 
+# Read by experiments/rlcr/run.py, not by `jaxlm train`: its sections (sft, grpo, classifier, eval) are the
+# experiment's own, so the check of shipped run configs skips this file.
+RUN_CONFIG = False
+
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
