@@ -70,9 +70,7 @@ def layer_residual_modes(config: ModelConfig) -> tuple[str, ...]:
 def standard_layer(block: DecoderBlock, stream: Stream, reduce: Reduce, positions, segment_ids,
                    cache) -> tuple[Stream, Any]:
     """``x = x + AR(attn(x)); x = x + AR(mlp(x))`` after settling any pending partial sum."""
-    x, pending = stream
-    if pending is not None:
-        x = x + reduce(pending)
+    x = settle(stream, reduce)
     mixed, cache = block.mixer_branch(x, positions=positions, segment_ids=segment_ids, cache=cache)
     x = x + reduce(mixed)
     x = x + reduce(block.mlp_branch(x))
@@ -82,9 +80,7 @@ def standard_layer(block: DecoderBlock, stream: Stream, reduce: Reduce, position
 def parallel_layer(block: DecoderBlock, stream: Stream, reduce: Reduce, positions, segment_ids,
                    cache) -> tuple[Stream, Any]:
     """``x = x + AR(attn(x) + mlp(x))``: both modules read the same input, one all-reduce per layer."""
-    x, pending = stream
-    if pending is not None:
-        x = x + reduce(pending)
+    x = settle(stream, reduce)
     mixed, cache = block.mixer_branch(x, positions=positions, segment_ids=segment_ids, cache=cache)
     x = x + reduce(mixed + block.mlp_branch(x))
     return (x, None), cache
@@ -93,10 +89,9 @@ def parallel_layer(block: DecoderBlock, stream: Stream, reduce: Reduce, position
 def ladder_layer(block: DecoderBlock, stream: Stream, reduce: Reduce, positions, segment_ids,
                  cache) -> tuple[Stream, Any]:
     """``a = attn(r); r = r + AR(pending); pending = mlp(r); r = r + AR(a)`` (module docstring)."""
-    x, pending = stream
-    mixed, cache = block.mixer_branch(x, positions=positions, segment_ids=segment_ids, cache=cache)  # partial
-    if pending is not None:
-        x = x + reduce(pending)
+    mixed, cache = block.mixer_branch(stream[0], positions=positions, segment_ids=segment_ids,
+                                      cache=cache)  # partial, read from r without the pending MLP output
+    x = settle(stream, reduce)
     mlp_partial = block.mlp_branch(x)  # [B, T, d_model]
     x = x + reduce(mixed)
     return (x, mlp_partial), cache
