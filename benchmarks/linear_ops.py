@@ -9,6 +9,13 @@ the same run, and the ratio to cuDNN causal flash attention on the same shape (H
 the chunked algorithm's matmul FLOPs (backward counted as 2x forward); attention's are ``2·T²·D·H·B``
 forward (causal half of ``4·T²·D``). An impl that cannot run (e.g. no Pallas kernel for the op, or no
 cuDNN on CPU) prints ``-`` with its reason in the log.
+
+    python benchmarks/linear_ops.py --ops ssd --shapes 1x16384 --impls pallas --ssd-blocks 64:64:64:64:4,128:64:64:64:8
+
+``--ssd-blocks`` times the SSD Pallas kernels with each block choice ``chunk:key_block:value_block:
+output_value_block:num_warps[:state_num_warps[:state_num_stages]]`` (0: the Pallas default): the op's forward
+and forward+backward, and each kernel alone (chunk states, chunk outputs, state cotangents, chunk gradients),
+to see where the time goes. T must be a multiple of the chunk there.
 """
 
 from __future__ import annotations
@@ -78,6 +85,71 @@ def linear_flops(op: str, batch: int, length: int, heads: int, dim: int, chunk: 
     return float(per_token * batch * length * heads)
 
 
+def parse_ssd_blocks(text: str):
+    """``"64:64:64:64:4,64:32:64:64:4:4:2,..."`` -> list of ``SSDBlocks`` (GPU layout)."""
+    from pallas_kernels.ssd.blocks import SSDBlocks
+
+    variants = []
+    for item in filter(None, text.split(",")):
+        chunk, key_block, value_block, output_value_block, warps, state_warps, state_stages = (
+            [int(x) for x in item.split(":")] + [0, 0])[:7]
+        variants.append(SSDBlocks(chunk=chunk, key_block=key_block, value_block=value_block,
+                                  output_value_block=output_value_block, num_warps=warps or None,
+                                  state_num_warps=state_warps or None, state_num_stages=state_stages or None))
+    return variants
+
+
+def ssd_kernel_ms(blocks, batch: int, length: int, heads: int, dim: int, dtype) -> dict:
+    """Milliseconds of the SSD op (forward, forward+backward) on ``blocks`` and of each of its four kernels
+    (each kernel timed alone in its own jit call, so its number includes one dispatch)."""
+    from pallas_kernels.ssd import kernel_bwd, kernel_fwd, ssd_pallas
+    from pallas_kernels.ssd.api import within_chunk_cumsum
+
+    q, k, v, log_a = make_inputs("ssd", batch, length, heads, dim, dtype)
+    initial = jnp.zeros((batch, heads, dim, dim), jnp.float32)
+    fwd_ms, fwd_bwd_ms = forward_and_train_ms(
+        lambda *x: ssd_pallas(*x, initial, blocks=blocks)[0], (q, k, v, log_a))
+    chunk = blocks.chunk
+    if length % chunk:
+        raise ValueError(f"per-kernel timings need T={length} to be a multiple of the chunk {chunk}")
+    cum = within_chunk_cumsum(log_a, chunk, 0)  # [B, H, T]
+    sequential = dict(chunk=chunk, value_block=blocks.value_block, key_block=blocks.key_block, time_major=True,
+                      num_warps=blocks.state_num_warps, num_stages=blocks.state_num_stages)
+    states_fn = jax.jit(lambda k, v: kernel_fwd.chunk_states(k, v, cum, initial, **sequential))
+    states, _ = states_fn(k, v)
+    outputs_fn = jax.jit(lambda q, k, v: kernel_fwd.chunk_outputs(
+        q, k, v, cum, states, chunk=chunk, value_block=blocks.output_value_block, num_warps=blocks.num_warps,
+        time_major=True))
+    state_grads_fn = jax.jit(lambda q, dout: kernel_bwd.chunk_state_grads(q, dout, cum, initial, **sequential))
+    dstates, _ = state_grads_fn(q, v)
+    grads_fn = jax.jit(lambda q, k, v: kernel_bwd.chunk_grads(
+        q, k, v, v, cum, states, dstates, chunk=chunk, num_warps=blocks.num_warps, time_major=True))
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+                states_ms=1e3 * median_seconds(lambda: states_fn(k, v)),
+                outputs_ms=1e3 * median_seconds(lambda: outputs_fn(q, k, v)),
+                state_grads_ms=1e3 * median_seconds(lambda: state_grads_fn(q, v)),
+                grads_ms=1e3 * median_seconds(lambda: grads_fn(q, k, v)))
+
+
+def print_ssd_block_table(args, dtype) -> None:
+    """One row per (shape, block choice): op and per-kernel milliseconds."""
+    columns = ("fwd_ms", "fwd_bwd_ms", "states_ms", "outputs_ms", "state_grads_ms", "grads_ms")
+    lines = [f"{'B x T':>12}  {'chunk:kb:vb:ovb:w:sw:ss':<24}" + "".join(f"{c:>15}" for c in columns)]
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        for blocks in parse_ssd_blocks(args.ssd_blocks):
+            name = ":".join(str(x or 0) for x in (blocks.chunk, blocks.key_block, blocks.value_block,
+                                                  blocks.output_value_block, blocks.num_warps,
+                                                  blocks.state_num_warps, blocks.state_num_stages))
+            try:
+                times = ssd_kernel_ms(blocks, batch, length, args.heads, args.dim, dtype)
+            except Exception as error:  # noqa: BLE001 - a block choice that does not compile: report, go on
+                print(f"  ssd blocks {name} {shape}: {type(error).__name__}: {str(error)[:300]}")
+                continue
+            lines.append(f"{batch:>5} x {length:<6}  {name:<24}" + "".join(f"{times[c]:>15.3f}" for c in columns))
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(OPS))
@@ -87,8 +159,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--json", default="", help="write all rows here too")
     parser.add_argument("--peak-size", type=int, default=8192, help="n of the n×n×n bf16 peak product")
+    parser.add_argument("--ssd-blocks", default="", help="chunk:kb:vb:ovb:warps,... (SSD kernel block table)")
     args = parser.parse_args(argv)
     dtype = jnp.bfloat16
+    if args.ssd_blocks:
+        print_ssd_block_table(args, dtype)
+        return
     peak = matmul_peak_tflops(args.peak_size)
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
     rows = []

@@ -34,7 +34,7 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
       initial_state: ``[B, H, K, V]`` state before step 0 (zeros when None).
       return_final_state: also return the state after the last step.
       impl: ``"recurrent"`` (scan over time), ``"chunked"`` (WY/UT chunkwise), ``"auto"`` (chunked for now) or
-        ``"pallas"`` (not built yet).
+        ``"pallas"`` (``pallas_kernels.gdn``: Pallas kernels, interpret mode on CPU; no segment ids).
       chunk_size: chunk length C of the chunked form (any T works: the last chunk is padded).
       segment_ids: ``[B, T]`` int ids of packed sequences; the state resets to zero where the id changes
         (step 0 continues ``initial_state``).
@@ -44,9 +44,6 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
     _check_inputs(q, k, v, log_a, beta, initial_state, segment_ids)
     if impl not in IMPLS:
         raise ValueError(f"gated_delta_rule impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "pallas":
-        raise NotImplementedError("gated_delta_rule impl='pallas': the Pallas kernel is not built yet; "
-                                  "use impl='chunked' (or 'auto')")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"gated_delta_rule chunk_size must be a positive integer, got {chunk_size!r}")
     batch_size, length, num_heads, value_dim = v.shape
@@ -56,6 +53,13 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
     starts = segment_starts(segment_ids, batch_size, length)  # [B, T]
     if impl == "recurrent":
         out, final_state = _gated_delta_rule_recurrent(q, k, v, log_a, beta, initial_state, starts)
+    elif impl == "pallas":
+        if segment_ids is not None:
+            raise ValueError("gated_delta_rule(impl='pallas'): segment_ids are not supported by the Pallas kernels; "
+                             "use impl='chunked' (or 'auto') for packed sequences")
+        from pallas_kernels.gdn import gated_delta_rule_pallas  # the kernels import jaxlm.ops for their backward
+
+        out, final_state = gated_delta_rule_pallas(q, k, v, log_a, beta, initial_state, chunk_size)
     else:
         out, final_state = gated_delta_rule_chunked(q, k, v, log_a, beta, initial_state, starts, chunk_size)
     out = out.astype(v.dtype)

@@ -50,16 +50,16 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, log_a: ja
     """
     length, num_heads = v.shape[1], v.shape[2]
     padding = -length % chunk_size
-    q, k = (_pad_time(expand_head_groups(x, num_heads), padding) for x in (q, k))  # [B, T', H, K]
-    v = _pad_time(v.astype(jnp.float32), padding)  # [B, T', H, V]
-    log_a = _pad_time(log_a.astype(jnp.float32), padding)  # [B, T', H]
-    beta = _pad_time(beta.astype(jnp.float32), padding)  # [B, T', H]
-    starts = _pad_time(starts, padding)  # [B, T']
-    q, k, v, log_a, beta = (_split_chunks(x, chunk_size) for x in (q, k, v, log_a, beta))  # [B, N, H, C, ...]
+    q, k = (pad_time(expand_head_groups(x, num_heads), padding) for x in (q, k))  # [B, T', H, K]
+    v = pad_time(v.astype(jnp.float32), padding)  # [B, T', H, V]
+    log_a = pad_time(log_a.astype(jnp.float32), padding)  # [B, T', H]
+    beta = pad_time(beta.astype(jnp.float32), padding)  # [B, T', H]
+    starts = pad_time(starts, padding)  # [B, T']
+    q, k, v, log_a, beta = (split_chunks(x, chunk_size) for x in (q, k, v, log_a, beta))  # [B, N, H, C, ...]
     starts = starts.reshape(starts.shape[0], -1, chunk_size)  # [B, N, C]
 
-    ratios, from_chunk_start = _decay_masks(log_a, starts)  # [B, N, H, C, C], [B, N, H, C]
-    values_part, state_part = _pseudo_value_parts(k, v, beta, ratios, from_chunk_start)
+    ratios, from_chunk_start = decay_masks(log_a, starts)  # [B, N, H, C, C], [B, N, H, C]
+    values_part, state_part = pseudo_value_parts(k, v, beta, ratios, from_chunk_start)
     scores = jnp.einsum("bnhik,bnhjk->bnhij", q, k) * ratios  # [B, N, H, C, C]
     q_from_state = q * from_chunk_start[..., None]  # [B, N, H, C, K]
     k_to_chunk_end = k * ratios[..., -1, :, None]  # [B, N, H, C, K]
@@ -79,7 +79,7 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, log_a: ja
     return out[:, :length], final_state
 
 
-def _decay_masks(log_a: jax.Array, starts: jax.Array) -> tuple[jax.Array, jax.Array]:
+def decay_masks(log_a: jax.Array, starts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Within-chunk decays with segment resets.
 
     ``log_a [B, N, H, C]``, ``starts [B, N, C]`` -> (``Γ [B, N, H, C, C]`` with ``Γ_ij = exp(g_i − g_j)`` for
@@ -97,7 +97,7 @@ def _decay_masks(log_a: jax.Array, starts: jax.Array) -> tuple[jax.Array, jax.Ar
     return ratios, from_chunk_start
 
 
-def _pseudo_value_parts(k: jax.Array, v: jax.Array, beta: jax.Array, ratios: jax.Array,
+def pseudo_value_parts(k: jax.Array, v: jax.Array, beta: jax.Array, ratios: jax.Array,
                         from_chunk_start: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Solve ``(I + L) U = diag(β) V − diag(β γ) K S_0`` for its two parts, in float32.
 
@@ -117,12 +117,12 @@ def _pseudo_value_parts(k: jax.Array, v: jax.Array, beta: jax.Array, ratios: jax
     return solved[..., :value_dim], solved[..., value_dim:]
 
 
-def _pad_time(x: jax.Array, padding: int) -> jax.Array:
+def pad_time(x: jax.Array, padding: int) -> jax.Array:
     """Append ``padding`` zeros (False) on the time axis 1."""
     return jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _split_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+def split_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """``[B, T', H, ...]`` -> ``[B, N, H, C, ...]`` with ``T' = N·C``."""
     batch_size, length = x.shape[:2]
     chunks = x.reshape(batch_size, length // chunk_size, chunk_size, *x.shape[2:])  # [B, N, C, H, ...]

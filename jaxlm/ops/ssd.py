@@ -35,9 +35,10 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
       initial_state: ``[B, H, K, V]`` state before token 0 (zeros when None).
       return_final_state: also return the state after the last token.
       impl: ``"recurrent"`` (a scan over time, the reference), ``"chunked"`` (the chunkwise SSD form),
-        ``"auto"`` (the chunked form for now) or ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward
-        kernels, interpret mode on CPU; no segment ids).
-      chunk_size: tokens per chunk of the chunked form (any T is accepted).
+        ``"auto"`` (the chunked form for now) or ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward and
+        backward kernels, interpret mode on CPU; no segment ids).
+      chunk_size: tokens per chunk of the chunked form (any T is accepted). The Pallas kernels choose their
+        own chunk per backend (``pallas_kernels.ssd.ssd_blocks``).
       segment_ids: ``[B, T]`` int; the state resets where the id changes from the previous token.
 
     Returns:
@@ -56,9 +57,9 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
         if segment_ids is not None:
             raise ValueError("ssd(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
                              "impl='chunked' (or 'auto') for packed sequences")
-        from pallas_kernels.ssd import ssd_pallas  # the kernels import jaxlm.ops for their reference backward
+        from pallas_kernels.ssd import ssd_pallas  # imported here: the XLA impls do not need the kernels
 
-        out, final_state = ssd_pallas(q, k, v, log_a, initial_state, chunk_size)
+        out, final_state = ssd_pallas(q, k, v, log_a, initial_state)
     out = out.astype(v.dtype)
     return (out, final_state) if return_final_state else out
 

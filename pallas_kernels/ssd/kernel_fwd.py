@@ -8,8 +8,10 @@ Two passes, as in the chunkwise algorithm:
 2. ``chunk_outputs``: one program per (batch, head, chunk, value block), all in parallel:
    ``O = ((Q Kᵀ) ⊙ L) V + exp(c) ⊙ (Q S_n)`` with ``L_ts = exp(c_t − c_s)`` for ``s ≤ t``.
 
-Inputs: ``q, k [B, G, T, K]`` (head h reads group h // R), ``v [B, H, T, V]``, ``cum [B, H, T]`` float32,
-``initial [B, H, K, V]`` float32. Products accumulate in float32.
+Inputs: ``q, k [B, G, T, K]`` (head h reads group h // R), ``v [B, H, T, V]`` (or all time-major,
+``[B, T, X, D]``, with ``time_major=True``: no transposes around the kernels), ``cum [B, H, T]`` float32,
+``initial [B, H, K, V]`` float32. Products accumulate in float32. The entering states are stored in ``k``'s
+dtype: they are only ever used as matmul operands of that dtype, so nothing is lost and bf16 halves their bytes.
 """
 
 from __future__ import annotations
@@ -20,68 +22,45 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.registry import interpret_mode
-
-
-def _contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
-    """``Σ_c a[.., c, ..] b[.., c, ..]`` over ``a_axis``/``b_axis`` with float32 accumulation; float32 operands
-    get full float32 products (``Precision.HIGHEST``: no TF32 on GPU), bf16 operands the bf16 tensor cores."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32."""
-    return _contract(a, b, 1, 0)
-
-
-def _dot_transposed_lhs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``aᵀ @ b``: ``[C, K], [C, V] -> [K, V]`` float32."""
-    return _contract(a, b, 0, 0)
-
-
-def _dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ bᵀ``: ``[C, K], [C', K] -> [C, C']`` float32."""
-    return _contract(a, b, 1, 1)
+from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
+                                       launch_options, token_dims, token_spec)
 
 
 def _chunk_states_kernel(k_ref, v_ref, cum_ref, initial_ref, states_ref, final_ref, *, chunk: int,
                          num_chunks: int):
     """Sequential over chunks: store the entering state, then ``S ← exp(c_last) S + (k ⊙ exp(c_last − c))ᵀ v``."""
 
-    def step(n, state):  # state [K, BV] float32
-        states_ref[n] = state
+    def step(n, state):  # state [BK, BV] float32
+        states_ref[n] = state.astype(states_ref.dtype)
         rows = pl.ds(n * chunk, chunk)
-        k = k_ref[rows, :]  # [C, K]
+        k = k_ref[rows, :]  # [C, BK]
         v = v_ref[rows, :]  # [C, BV]
         cum = cum_ref[rows]  # [C]
-        cum_last = cum_ref[pl.ds(n * chunk + chunk - 1, 1)]  # [1]
-        weighted_k = (k.astype(jnp.float32) * jnp.exp(cum_last - cum)[:, None]).astype(k.dtype)  # [C, K]
-        return jnp.exp(cum_last)[:, None] * state + _dot_transposed_lhs(weighted_k, v)
+        cum_last = last_row(cum_ref, n * chunk, chunk)  # [1]
+        weighted_k = (k.astype(jnp.float32) * jnp.exp(cum_last - cum)[:, None]).astype(k.dtype)  # [C, BK]
+        return jnp.exp(cum_last)[:, None] * state + dot_transposed_lhs(weighted_k, v)
 
     final_ref[...] = jax.lax.fori_loop(0, num_chunks, step, initial_ref[...].astype(jnp.float32))
 
 
-def _chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, *, chunk: int):
+def chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
     """One chunk: ``O = ((Q Kᵀ) ⊙ L) V + exp(c) ⊙ (Q S)`` (module docstring)."""
     q, k, v = q_ref[...], k_ref[...], v_ref[...]  # [C, K], [C, K], [C, BV]
     cum = cum_ref[...]  # [C] float32
-    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    causal = rows >= cols
-    gap = jnp.where(causal, cum[:, None] - cum[None, :], 0.0)  # masked before exp: no overflow
-    weights = jnp.where(causal, jnp.exp(gap), 0.0) * _dot_transposed_rhs(q, k)  # [C, C] float32
-    intra = _dot(weights.astype(v.dtype), v)  # [C, BV]
-    inter = jnp.exp(cum)[:, None] * _dot(q, state_ref[...].astype(q.dtype))  # [C, BV]
+    weights = causal_decay(cum) * dot_transposed_rhs(q, k)  # [C, C] float32
+    intra = dot(weights.astype(v.dtype), v)  # [C, BV]
+    inter = jnp.exp(cum)[:, None] * dot(q, state_ref[...].astype(q.dtype))  # [C, BV]
     out_ref[...] = (intra + inter).astype(out_ref.dtype)
 
 
 def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array, *, chunk: int,
-                 value_block: int, key_block: int) -> tuple[jax.Array, jax.Array]:
-    """States entering every chunk ``[B, H, N, K, V]`` float32 and the final state ``[B, H, K, V]`` float32."""
-    batch, groups, length, key_dim = k.shape
-    heads, value_dim = v.shape[1], v.shape[3]
+                 value_block: int, key_block: int, num_warps: int | None = None,
+                 num_stages: int | None = None, time_major: bool = False,
+                 interpret=None) -> tuple[jax.Array, jax.Array]:
+    """States entering every chunk ``[B, H, N, K, V]`` in ``k``'s dtype and the final state ``[B, H, K, V]``
+    float32. ``time_major``: ``k, v`` are ``[B, T, X, D]`` instead of ``[B, X, T, D]``."""
+    batch, length, groups, key_dim = token_dims(k, time_major)
+    heads, value_dim = token_dims(v, time_major)[2:]
     group_of = heads // groups
     num_chunks = length // chunk
     kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=num_chunks)
@@ -89,8 +68,8 @@ def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array,
         kernel,
         grid=(batch, heads, key_dim // key_block, value_dim // value_block),
         in_specs=[
-            pl.BlockSpec((None, None, length, key_block), lambda b, h, i, j: (b, h // group_of, 0, i)),
-            pl.BlockSpec((None, None, length, value_block), lambda b, h, i, j: (b, h, 0, j)),
+            token_spec(time_major, None, length, key_block, lambda b, h, i, j: (b, h // group_of, 0, i)),
+            token_spec(time_major, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
             pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
         ],
@@ -98,31 +77,32 @@ def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array,
             pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
             pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), k.dtype),
                    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
-        interpret=interpret_mode(),
         name="ssd_chunk_states",
+        **launch_options(interpret, num_warps, num_stages),
     )(k, v, cum, initial)
 
 
 def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, cum: jax.Array, states: jax.Array, *, chunk: int,
-                  value_block: int) -> jax.Array:
-    """Outputs ``[B, H, T, V]`` in ``v``'s dtype from the entering states of ``chunk_states``."""
-    batch, groups, length, key_dim = q.shape
-    heads, value_dim = v.shape[1], v.shape[3]
+                  value_block: int, num_warps: int | None = None, time_major: bool = False,
+                  interpret=None) -> jax.Array:
+    """Outputs in ``v``'s layout and dtype from the entering states of ``chunk_states``."""
+    batch, length, groups, key_dim = token_dims(q, time_major)
+    heads, value_dim = token_dims(v, time_major)[2:]
     group_of = heads // groups
     return pl.pallas_call(
-        functools.partial(_chunk_outputs_kernel, chunk=chunk),
+        chunk_outputs_kernel,
         grid=(batch, heads, length // chunk, value_dim // value_block),
         in_specs=[
-            pl.BlockSpec((None, None, chunk, key_dim), lambda b, h, n, j: (b, h // group_of, n, 0)),
-            pl.BlockSpec((None, None, chunk, key_dim), lambda b, h, n, j: (b, h // group_of, n, 0)),
-            pl.BlockSpec((None, None, chunk, value_block), lambda b, h, n, j: (b, h, n, j)),
+            token_spec(time_major, None, chunk, key_dim, lambda b, h, n, j: (b, h // group_of, n, 0)),
+            token_spec(time_major, None, chunk, key_dim, lambda b, h, n, j: (b, h // group_of, n, 0)),
+            token_spec(time_major, None, chunk, value_block, lambda b, h, n, j: (b, h, n, j)),
             pl.BlockSpec((None, None, chunk), lambda b, h, n, j: (b, h, n)),
             pl.BlockSpec((None, None, None, key_dim, value_block), lambda b, h, n, j: (b, h, n, 0, j)),
         ],
-        out_specs=pl.BlockSpec((None, None, chunk, value_block), lambda b, h, n, j: (b, h, n, j)),
+        out_specs=token_spec(time_major, None, chunk, value_block, lambda b, h, n, j: (b, h, n, j)),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        interpret=interpret_mode(),
         name="ssd_chunk_outputs",
+        **launch_options(interpret, num_warps),
     )(q, k, v, cum, states)
