@@ -42,7 +42,9 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
       beta: ``[B, T, G]`` Householder strengths in (0, 2).
       log_f: ``[B, T, H]`` log forget gates (≤ 0) per query head, or None (no gate).
       scale: logit scale, default ``D ** -0.5``.
-      impl: ``"naive"``, ``"blockwise"``, ``"auto"`` (= blockwise for now) or ``"pallas"`` (not built yet).
+      impl: ``"naive"``, ``"blockwise"``, ``"auto"`` (= blockwise for now) or ``"pallas"`` (``pallas_kernels.path``:
+        Pallas forward kernel, interpret mode on CPU, XLA linear-memory backward; head dim and block size
+        powers of two >= 16, float32 or bfloat16 inputs).
       block_size: tokens per block of the blockwise form (any T works: the tail is padded and masked).
       segment_ids: ``[B, T]`` int ids of contiguous packed segments; no attention across segments.
       backward_group_size: query blocks that share one scan of the blockwise backward pass (its memory is
@@ -53,8 +55,10 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
     check_path_inputs(q, k, v, w, beta, log_f, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "pallas":
-        raise NotImplementedError("path_attention(impl='pallas'): the Pallas kernel is not built yet; "
-                                  "use impl='blockwise' or 'auto'")
+        from pallas_kernels.path import path_attention_pallas  # the kernels import jaxlm.ops for their backward
+
+        return path_attention_pallas(q, k, v, w, beta, log_f, segment_ids, scale=scale, block_size=block_size,
+                                     backward_group_size=backward_group_size)
     if impl == "naive":
         return naive_path_attention(q, k, v, w, beta, log_f, scale=scale, segment_ids=segment_ids)
     if impl in ("blockwise", "auto"):

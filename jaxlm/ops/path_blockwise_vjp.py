@@ -52,7 +52,7 @@ def _forward(scale, block_size, group_size, q, k, v, w, beta, log_f, segment_ids
     return out, (q, k, v, w, beta, log_f, segment_ids, out_blocks, logsumexp)
 
 
-def _backward(scale, block_size, group_size, residuals, d_out):
+def linear_memory_backward(scale, block_size, group_size, residuals, d_out):
     """Exact input cotangents: grouped surrogate gradients for the shared terms, then one pullback."""
     q, k, v, w, beta, log_f, segment_ids, out_blocks, logsumexp = residuals
     terms, pullback = jax.vjp(functools.partial(blockwise_terms, block_size=block_size), q, k, v, w, beta, log_f)
@@ -65,7 +65,7 @@ def _backward(scale, block_size, group_size, residuals, d_out):
     return (*pullback(d_terms), None)
 
 
-_linear_memory_attention.defvjp(_forward, _backward)
+_linear_memory_attention.defvjp(_forward, linear_memory_backward)
 
 
 def grouped_terms_cotangents(terms: BlockwiseTerms, segments, logsumexp, d_out, delta, scale: float,

@@ -1,0 +1,53 @@
+"""Block sizes and supported shapes of the PaTH kernels, per backend (the one place they are chosen).
+
+``block``: tokens per block, both the query block of one program and the key block of one loop step (the
+UT transform, block products and intra-block logits are per block of this size). GPU (Triton) loads need
+power-of-two tiles of at least 16, so the head dim and the block are powers of two ≥ 16; TPU tiles are
+multiples of 8 x 128 in their last two dims, which the kernels meet with whole-head-dim and whole-block
+tiles. ``num_warps`` / ``num_stages``: Triton settings (None: Pallas' defaults); head dims of 128 take one
+pipeline stage on GPU, larger ones are refused there (shared memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.registry import UnsupportedShapeError, backend
+
+DEFAULT_BLOCK = {"gpu": 64, "tpu": 128, "cpu": 64}
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class PathBlocks:
+    block: int
+    num_warps: int | None = None  # Triton settings on GPU (None: Pallas' defaults)
+    num_stages: int | None = None
+
+
+def _is_power_of_two_from_16(value: int) -> bool:
+    return value >= 16 and not value & (value - 1)
+
+
+def path_blocks(head_dim: int, dtype, block_size: int | None = None) -> PathBlocks:
+    """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
+    is allowed) for shapes and dtypes the kernels do not handle."""
+    if not _is_power_of_two_from_16(head_dim):
+        raise UnsupportedShapeError(f"path pallas kernel: head_dim={head_dim} must be a power of two >= 16 "
+                                    "(use impl='blockwise', or impl='auto' to fall back automatically)")
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise UnsupportedShapeError(f"path pallas kernel: dtype={jnp.dtype(dtype).name} must be one of "
+                                    f"{[d.name for d in SUPPORTED_DTYPES]} (use impl='blockwise')")
+    block = DEFAULT_BLOCK[backend()] if block_size is None else block_size
+    if not (isinstance(block, int) and _is_power_of_two_from_16(block)):
+        raise UnsupportedShapeError(f"path pallas kernel: block_size={block!r} must be a power of two >= 16")
+    if backend() == "gpu" and head_dim > 128:
+        raise UnsupportedShapeError(f"path pallas kernel: head_dim={head_dim} must be <= 128 on GPU (a float32 "
+                                    "D x D block product must fit in shared memory; use impl='blockwise')")
+    if backend() == "gpu" and head_dim == 128:
+        # Each pipeline stage of the key loop holds a float32 D x D block product (64 KiB at D = 128) next
+        # to the key and value tiles: Pallas' default stages asked an H100 for 384 KiB (it has 227 KiB).
+        return PathBlocks(block=block, num_stages=1)
+    return PathBlocks(block=block)

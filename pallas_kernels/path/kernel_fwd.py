@@ -1,0 +1,188 @@
+"""PaTH forward kernel (Yang et al. 2025, section 3.2), FlashAttention style, head-major layout, T padded
+to whole blocks of C tokens.
+
+One program per (batch, query head, query block n). It first builds its own block's terms from the raw
+q, k, w of the block and the block's UT transform 𝒯 (``jaxlm.ops.path_blockwise`` module docstring):
+
+    A_q = tril(Q Wᵀ),  A_k = strictlower(W Kᵀ),  S = Q Kᵀ − (A_q 𝒯) A_k,  Q̄ = Q − (A_q 𝒯) W
+
+(the causal intra-block logits and the queries carried to the block start), then scans the key blocks
+``j = n − 1, …, 0`` right to left with an online softmax:
+
+    ℓ_ij = scale · q̄_i · k̄_j + G_i − G_j      (masked to −1e30 across segments; causal inside block n)
+    m ← max(m, max_j ℓ_ij),  l ← l·e^{m_old − m} + Σ_j e^{ℓ_ij − m},
+    acc ← acc·e^{m_old − m} + e^{ℓ − m} V_j,
+    Q̄ ← Q̄ P_j          (past key block j's Householder product P_j = I − W_jᵀ 𝒯_j W_j)
+
+and writes ``O = acc / l`` and the log-sum-exp ``L = m + log l`` (float32). The query state, gates, 𝒯,
+block products and softmax statistics are float32; the logits and value products run in the inputs'
+dtype with float32 accumulation. The float32 products (intra-block terms, the move ``Q̄ P_j``) are full
+float32 for float32 inputs and TF32 for bf16 ones (relative error ~1e-3, below bf16's).
+
+Inputs: ``q [B, H, T', D]``; raw ``k, w [B, G, T', D]`` (head h reads KV head h // (H / G)); carried keys
+``k̄`` and values ``[B, G, T', D]``; ``transform [B, G, N·C, C]`` float32 (block n's 𝒯 in rows
+``n·C … n·C + C − 1``); ``products [B, G, N·D, D]`` float32 (likewise by D rows); optionally ``gate
+[B, H, T']`` float32 and ``segments [B, T']`` int32 (−1 on the padding). Without segments the padded tail
+needs no mask: padded keys only meet queries of the last block, through its causal mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxlm.ops.path_blockwise import MASKED_LOGIT
+from pallas_kernels.registry import backend, interpret_mode
+
+
+def _contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision=None) -> jax.Array:
+    """``Σ_c a[.., c, ..] b[.., c, ..]`` with float32 accumulation: by default full float32 products for
+    float32 operands (``Precision.HIGHEST``), the bf16 tensor cores for bf16 ones."""
+    if precision is None and a.dtype == jnp.float32:
+        precision = jax.lax.Precision.HIGHEST
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _dot(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32."""
+    return _contract(a, b, 1, 0, precision)
+
+
+def _dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ bᵀ``: ``[C, D], [C', D] -> [C, C']`` float32."""
+    return _contract(a, b, 1, 1)
+
+
+def _own_block_terms(q, k, w, transform, precision):
+    """(intra-block logits ``S = Q Kᵀ − A_q 𝒯 A_k`` ``[C, C]``, queries at the block start
+    ``Q̄ = Q − A_q 𝒯 W`` ``[C, D]``), float32, from the block's ``q, k, w [C, D]`` and ``transform [C, C]``."""
+    block = q.shape[0]
+    q, k, w = (x.astype(jnp.float32) for x in (q, k, w))
+    rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
+    query_mixing = jnp.where(rows >= cols, _contract(q, w, 1, 1, precision), 0.0)  # A_q[i, r] = q_i·w_r  [C, C]
+    key_mixing = jnp.where(rows > cols, _contract(w, k, 1, 1, precision), 0.0)  # A_k[s, j] = w_s·k_j  [C, C]
+    mixed = _dot(query_mixing, transform, precision)  # A_q 𝒯  [C, C]
+    intra = _contract(q, k, 1, 1, precision) - _dot(mixed, key_mixing, precision)  # [C, C]
+    return intra, q - _dot(mixed, w, precision)
+
+
+def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, precision, with_gate: bool,
+                    with_segments: bool):
+    """One query block: its own block, then key blocks right to left (module docstring). The gate and
+    segment refs are present only when ``with_gate`` / ``with_segments``."""
+    (q_ref, raw_keys_ref, directions_ref, transform_ref, keys_ref, values_ref, products_ref, *optional, out_ref,
+     logsumexp_ref) = refs
+    gate_ref = optional.pop(0) if with_gate else None
+    segments_ref = optional.pop(0) if with_segments else None
+    query_block = num_blocks - 1 - pl.program_id(2)  # the longest scans start first
+    own = pl.ds(query_block * block, block)
+
+    def gated_logits(raw, key_rows, visible):
+        """``scale·s_ij + G_i − G_j`` where ``visible`` and i, j share a segment, MASKED_LOGIT elsewhere."""
+        logits = scale * raw  # [C, C']
+        if with_gate:
+            logits = logits + gate_ref[own][:, None] - gate_ref[key_rows][None, :]
+        if with_segments:
+            same_segment = segments_ref[own][:, None] == segments_ref[key_rows][None, :]  # [C, C']
+            visible = same_segment if visible is None else visible & same_segment
+        return logits if visible is None else jnp.where(visible, logits, MASKED_LOGIT)
+
+    intra, queries = _own_block_terms(q_ref[...], raw_keys_ref[...], directions_ref[...], transform_ref[...],
+                                      precision)  # [C, C], [C, D]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
+    logits = gated_logits(intra, own, rows >= cols)  # [C, C]
+    running_max = jnp.max(logits, axis=1)  # [C]; finite: every token sees itself
+    probabilities = jnp.exp(logits - running_max[:, None])  # [C, C]
+    running_sum = jnp.sum(probabilities, axis=1)  # [C]
+    own_values = values_ref[own, :]  # [C, D]
+    accumulator = _dot(probabilities.astype(own_values.dtype), own_values)  # [C, D] float32
+
+    def visit_key_block(step, carry):
+        """Key block ``n − 1 − step``: online-softmax update, then ``Q̄ ← Q̄ P_j``."""
+        queries, running_max, running_sum, accumulator = carry
+        key_block = query_block - 1 - step
+        keys_rows = pl.ds(key_block * block, block)
+        keys = keys_ref[keys_rows, :]  # [C, D]
+        values = values_ref[keys_rows, :]  # [C, D]
+        product = products_ref[pl.ds(key_block * dim, dim), :]  # [D, D] float32
+        raw = _dot_transposed_rhs(queries.astype(keys.dtype), keys)  # [C, C] float32
+        logits = gated_logits(raw, keys_rows, None)  # [C, C]
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))  # [C]
+        rescale = jnp.exp(running_max - new_max)  # [C]
+        probabilities = jnp.exp(logits - new_max[:, None])  # [C, C]
+        running_sum = running_sum * rescale + jnp.sum(probabilities, axis=1)
+        accumulator = accumulator * rescale[:, None] + _dot(probabilities.astype(values.dtype), values)
+        queries = _dot(queries, product, precision)  # [C, D] float32
+        return queries, new_max, running_sum, accumulator
+
+    carry = (queries, running_max, running_sum, accumulator)
+    _, running_max, running_sum, accumulator = jax.lax.fori_loop(0, query_block, visit_key_block, carry)
+    out_ref[...] = accumulator / running_sum[:, None]
+    logsumexp_ref[...] = running_max + jnp.log(running_sum)
+
+
+def path_forward(q, raw_keys, directions, transform, keys, values, products, gate=None, segments=None, *,
+                 block: int, scale: float, interpret=None, num_warps: int | None = None,
+                 num_stages: int | None = None):
+    """Outputs ``[B, H, T', D]`` float32 and log-sum-exps ``[B, H, N, C]`` float32 (module docstring).
+
+    ``gate`` / ``segments`` None: no forget gate / one segment. ``interpret``: None runs in interpret mode
+    on CPU only; a ``pltpu.InterpretParams()`` interprets with TPU semantics. ``num_warps`` /
+    ``num_stages``: Triton settings on GPU (None: Pallas' defaults).
+    """
+    batch, heads, length, dim = q.shape
+    groups = keys.shape[1]
+    heads_per_group = heads // groups
+    num_blocks = length // block
+    precision = jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    kernel = functools.partial(_forward_kernel, block=block, dim=dim, num_blocks=num_blocks, scale=scale,
+                               precision=precision, with_gate=gate is not None, with_segments=segments is not None)
+
+    def query_rows(b, h, i):
+        return b, h, num_blocks - 1 - i, 0
+
+    def kv_rows(b, h, i):
+        return b, h // heads_per_group, num_blocks - 1 - i, 0
+
+    def whole_kv_head(b, h, i):
+        return b, h // heads_per_group, 0, 0
+
+    in_specs = [
+        pl.BlockSpec((None, None, block, dim), query_rows),
+        pl.BlockSpec((None, None, block, dim), kv_rows),
+        pl.BlockSpec((None, None, block, dim), kv_rows),
+        pl.BlockSpec((None, None, block, block), kv_rows),
+        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head),
+    ]
+    optional = [x for x in (gate, segments) if x is not None]
+    if gate is not None:
+        in_specs.append(pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0)))
+    if segments is not None:
+        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    interpret = interpret_mode() if interpret is None else interpret
+    compiler_params = None
+    if not interpret and backend() == "gpu" and (num_warps or num_stages):
+        compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, num_blocks),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, block, dim), query_rows),
+            pl.BlockSpec((None, None, None, block), query_rows),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, length, dim), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, num_blocks, block), jnp.float32)],
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="path_forward",
+    )(q, raw_keys, directions, transform, keys, values, products, *optional)
