@@ -5,10 +5,12 @@ of ``compiled.as_text()`` is read, so every function here is testable on a hand-
 
 - ``longest_all_reduce_chain``: in one computation, the largest number of all-reduces on one path of
   data dependencies (``depth(i) = max(depth(operands)) + [i starts an all-reduce]``). A standard
-  tensor-parallel stack of L layers has 2L; a ladder stack L (section 4 of REFERENCE.md).
+  tensor-parallel stack of L layers has 2L; a ladder stack L (section 4 of REFERENCE.md). With
+  sequence parallelism the same holds for reduce-scatters (``longest_collective_chain``).
 - ``async_all_reduces``: every ``all-reduce-start`` with its backend config's ``"is_sync"`` flag and the
-  matmuls (dots, GEMM custom calls, fusions that contain one) scheduled between it and its
-  ``all-reduce-done`` (compiled HLO lists instructions in schedule order).
+  matmuls (dots, GEMM custom calls, matrix-to-vector reduces — XLA's form of a one-row matmul — and fusions
+  that contain one) scheduled between it and its ``all-reduce-done`` (compiled HLO lists instructions in
+  schedule order).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import dataclasses
 import re
 
 ALL_REDUCE_STARTS = ("all-reduce", "all-reduce-start")
+REDUCE_SCATTER_STARTS = ("reduce-scatter", "reduce-scatter-start")
 _COMPUTATION_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition|called_computations)=\{?%?([\w.\-]+)")
+_ARRAY_RESULT = re.compile(r"=\s*[a-z]+[0-9]*\[([\d,]*)\]")
+MIN_MATRIX_SIDE = 128  # a reduce over a matrix this large on both sides is a matrix-vector product
 _GEMM_TARGET = re.compile(r"custom_call_target=\"[^\"]*(gemm|matmul|cublas)[^\"]*\"", re.IGNORECASE)
 
 
@@ -97,24 +102,35 @@ def _split_top_level(text: str) -> list[str]:
     return pieces
 
 
-def longest_all_reduce_chain(instructions: list[Instruction]) -> int:
-    """The most all-reduces on one dependency path: ``depth(i) = max_operands depth + [i is an all-reduce]``
-    (an ``all-reduce-done`` inherits its start's depth)."""
+def longest_collective_chain(instructions: list[Instruction], opcodes: tuple[str, ...]) -> int:
+    """The most collectives of ``opcodes`` on one dependency path:
+    ``depth(i) = max_operands depth + [i's opcode is in opcodes]`` (a ``*-done`` inherits its start's depth)."""
     depth: dict[str, int] = {}
     for instruction in instructions:
         inherited = max((depth.get(operand, 0) for operand in instruction.operands), default=0)
-        depth[instruction.name] = inherited + int(instruction.opcode in ALL_REDUCE_STARTS)
+        depth[instruction.name] = inherited + int(instruction.opcode in opcodes)
     return max(depth.values(), default=0)
+
+
+def longest_all_reduce_chain(instructions: list[Instruction]) -> int:
+    """The most all-reduces on one dependency path (``longest_collective_chain`` of all-reduces)."""
+    return longest_collective_chain(instructions, ALL_REDUCE_STARTS)
+
+
+def count_collectives(instructions: list[Instruction], opcodes: tuple[str, ...]) -> int:
+    """Number of instructions whose opcode is in ``opcodes`` (synchronous collectives and async starts)."""
+    return sum(instruction.opcode in opcodes for instruction in instructions)
 
 
 def count_all_reduces(instructions: list[Instruction]) -> int:
     """Number of all-reduces (synchronous ones and async starts)."""
-    return sum(instruction.opcode in ALL_REDUCE_STARTS for instruction in instructions)
+    return count_collectives(instructions, ALL_REDUCE_STARTS)
 
 
 def computations_with_matmul(computations: dict[str, list[Instruction]]) -> set[str]:
     """Names of computations that contain a matmul, directly or through the computations they call."""
-    direct = {name for name, body in computations.items() if any(_is_direct_matmul(i) for i in body)}
+    direct = {name for name, body in computations.items() if any(_is_direct_matmul(i, _result_dims(body))
+                                                                 for i in body)}
     changed = True
     while changed:
         changed = False
@@ -125,14 +141,35 @@ def computations_with_matmul(computations: dict[str, list[Instruction]]) -> set[
     return direct
 
 
-def _is_direct_matmul(instruction: Instruction) -> bool:
+def _is_direct_matmul(instruction: Instruction, dims: dict[str, tuple[int, ...] | None]) -> bool:
     return instruction.opcode in ("dot", "convolution") or (
-        instruction.opcode == "custom-call" and bool(_GEMM_TARGET.search(instruction.line)))
+        instruction.opcode == "custom-call" and bool(_GEMM_TARGET.search(instruction.line))) or (
+        _is_matrix_vector_reduce(instruction, dims))
+
+
+def _is_matrix_vector_reduce(instruction: Instruction, dims: dict[str, tuple[int, ...] | None]) -> bool:
+    """A ``reduce`` of a matrix with both sides ≥ ``MIN_MATRIX_SIDE`` to a vector: how XLA's GPU compiler
+    emits a one-row matmul ``[1, K] @ [K, N]`` (a multiply fusion over the weights, then this reduce), as at
+    batch-1 decode shapes. Norms (reductions of rank-3 activations) and softmax sums (short rows) are not."""
+    if instruction.opcode != "reduce" or not instruction.operands:
+        return False
+    operand, result = dims.get(instruction.operands[0]), dims.get(instruction.name)
+    return (operand is not None and result is not None and len(operand) == 2 and len(result) == 1
+            and min(operand) >= MIN_MATRIX_SIDE)
+
+
+def _result_dims(body: list[Instruction]) -> dict[str, tuple[int, ...] | None]:
+    """Instruction name -> dimensions of its array result (None for tuples and tokens)."""
+    found = {}
+    for instruction in body:
+        match = _ARRAY_RESULT.search(instruction.line)
+        found[instruction.name] = (tuple(int(d) for d in match.group(1).split(",") if d) if match else None)
+    return found
 
 
 def is_matmul(instruction: Instruction, matmul_computations: set[str]) -> bool:
-    """A dot, a GEMM custom call, or a fusion / call whose computation contains one."""
-    return _is_direct_matmul(instruction) or any(
+    """A dot, a GEMM custom call, a matrix-vector reduce, or a fusion / call whose computation contains one."""
+    return _is_direct_matmul(instruction, {}) or any(
         called in matmul_computations for called in _CALLED.findall(instruction.line))
 
 

@@ -5,7 +5,8 @@ Two checks, each with negative controls that must fail the same test:
 ``--platform cpu`` (structural; runs on fake CPU devices, all-reduces there are synchronous): the longest
 chain of data-dependent all-reduces through the unrolled layer stack is L for the ladder and 2L for the
 standard model (the combiner pass is disabled so the ladder's two independent per-layer all-reduces stay
-separate).
+separate). With ``--sequence-parallel`` the forward rows count reduce-scatters instead (same chains, and no
+all-reduce may remain); decode rows keep the all-reduce layout.
 
 ``--platform gpu`` (needs one GPU to describe the target; nothing runs): the blocks are compiled for an
 8-GPU topology with compile-only devices. Target: every all-reduce but (at most) the last is an
@@ -17,6 +18,7 @@ Prints a table; exits 1 when the ladder fails or a control passes.
 
     python benchmarks/ladder_hlo_check.py --platform gpu
     python benchmarks/ladder_hlo_check.py --platform cpu --layers 3
+    python benchmarks/ladder_hlo_check.py --platform cpu --sequence-parallel
 """
 
 from __future__ import annotations
@@ -90,19 +92,31 @@ def tensor_mesh(devices, tensor: int):
     return jax.sharding.Mesh(np.array(devices[:tensor]).reshape(1, 1, tensor), ("data", "fsdp", "tensor"))
 
 
-def cpu_check(layers: int) -> bool:
-    """Longest all-reduce chain: ladder L, parallel L, standard 2L (unrolled; forward and decode step)."""
+def cpu_check(layers: int, sequence_parallel: bool = False) -> bool:
+    """Longest all-reduce chain: ladder L, parallel L, standard 2L (unrolled; forward and decode step).
+
+    ``sequence_parallel``: the forward rows count reduce-scatters (the same chains) and fail on any
+    all-reduce; the decode rows (which keep the all-reduce layout) still count all-reduces.
+    """
     mesh = tensor_mesh(jax.devices(), 4)
     config = ModelConfig(vocab_size=64, d_model=64, num_layers=layers, num_heads=4, num_kv_heads=4, mlp_dim=128,
-                         max_seq_len=64, tp_shard_map=True)
+                         max_seq_len=64, tp_shard_map=True, tp_sequence_parallel=sequence_parallel)
     expected = {"standard": 2 * layers, "parallel": layers, "ladder": layers}
     ok = True
-    print(f"{'mode':<10} {'shape':<8} {'all-reduces':>11} {'longest chain':>13} {'expected':>8}")
+    if sequence_parallel:
+        print("sequence-parallel: forward rows count reduce-scatters, decode rows all-reduces")
+    counted_name = "collectives" if sequence_parallel else "all-reduces"
+    print(f"{'mode':<10} {'shape':<8} {counted_name:>11} {'longest chain':>13} {'expected':>8}")
     for mode, want in expected.items():
         for shape, (length, cache_length) in {"forward": (8, None), "decode": (1, 16)}.items():
             hlo = blocks_hlo(dataclasses.replace(config, residual_mode=mode), mesh, 2, length, cache_length, {})
             entry = ladder_hlo.parse_computations(hlo)["ENTRY"]
-            chain, count = ladder_hlo.longest_all_reduce_chain(entry), ladder_hlo.count_all_reduces(entry)
+            counted = ladder_hlo.ALL_REDUCE_STARTS
+            if sequence_parallel and cache_length is None:
+                counted = ladder_hlo.REDUCE_SCATTER_STARTS
+                ok &= ladder_hlo.count_all_reduces(entry) == 0
+            chain = ladder_hlo.longest_collective_chain(entry, counted)
+            count = ladder_hlo.count_collectives(entry, counted)
             ok &= chain == want
             print(f"{mode:<10} {shape:<8} {count:>11} {chain:>13} {want:>8}")
     return ok
@@ -168,8 +182,15 @@ def main(argv=None) -> int:
     parser.add_argument("--platform", choices=("cpu", "gpu"), required=True)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tensor", type=int, default=8)
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="CPU check of the sequence-parallel layout (model.tp_sequence_parallel)")
     args = parser.parse_args(argv)
-    ok = cpu_check(args.layers) if args.platform == "cpu" else gpu_check(args.layers, args.tensor)
+    if args.sequence_parallel and args.platform != "cpu":
+        parser.error("--sequence-parallel is a check of the CPU structural test (--platform cpu)")
+    if args.platform == "cpu":
+        ok = cpu_check(args.layers, args.sequence_parallel)
+    else:
+        ok = gpu_check(args.layers, args.tensor)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -45,6 +45,9 @@ class ModelConfig:
     residual_mode: str = "standard"
     ladder_start_layer: int = 0
     tp_shard_map: bool = False
+    # Megatron sequence parallelism of the tensor-parallel blocks (jaxlm.models.ladder): training and
+    # forward passes only; calls with a decode cache keep the all-reduce layout.
+    tp_sequence_parallel: bool = False
     mamba2: Mamba2Options = Mamba2Options()
     gated_deltanet: GatedDeltaNetOptions = GatedDeltaNetOptions()
     loglinear: LogLinearOptions = LogLinearOptions()
@@ -104,6 +107,11 @@ class ModelConfig:
                 "model.ladder_start_layer", self.ladder_start_layer,
                 f"an integer in [0, model.num_layers={self.num_layers})")
         require(isinstance(self.tp_shard_map, bool), "model.tp_shard_map", self.tp_shard_map, "True or False")
+        require(isinstance(self.tp_sequence_parallel, bool), "model.tp_sequence_parallel",
+                self.tp_sequence_parallel, "True or False")
+        require(not self.tp_sequence_parallel or self.uses_tp_blocks, "model.tp_sequence_parallel",
+                self.tp_sequence_parallel, "False unless the blocks run through jaxlm.models.ladder "
+                "(model.residual_mode != 'standard' or model.tp_shard_map=True)")
         require(self.ladder_start_layer == 0 or not self.scan_layers, "model.ladder_start_layer",
                 self.ladder_start_layer, "0 when model.scan_layers is True (a scan repeats one residual wiring)")
         for options in (self.mamba2, self.gated_deltanet, self.loglinear, self.path):

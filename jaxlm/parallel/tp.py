@@ -6,6 +6,13 @@ by input rows. Each device then computes the module on its own heads / hidden un
 output is the sum over devices of their partial outputs: ``y = sum_t h^(t)(x)``, one all-reduce of a
 ``[B, T, d_model]`` array per module. The parameter specs come from the parameters' logical axis names
 (the names the sharding rules map to ``tensor``), so they agree with the GSPMD sharding of the train state.
+
+Sequence-parallel variant (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", section 4.2.2): between modules the residual stream is split over the sequence along ``tensor``
+(device t holds tokens ``t T/n .. (t+1) T/n``), norms run on that chunk, each module all-gathers its normed
+input over the sequence before the column-split projections and reduce-scatters its row-split output
+(``psum_scatter``) instead of the all-reduce. An all-reduce is a reduce-scatter followed by an all-gather,
+so the communicated bytes are the same, while activations outside the modules are ``n`` times smaller.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
@@ -90,6 +98,13 @@ def check_tensor_parallel(config, tensor_size: int) -> None:
             "False under tensor parallelism (a row-split o_proj would add its bias once per device)")
 
 
+def check_sequence_parallel(length: int, tensor_size: int) -> None:
+    """Raise ConfigError unless a sequence of ``length`` tokens splits evenly over ``tensor_size`` devices."""
+    require(length % tensor_size == 0, "model.tp_sequence_parallel", True,
+            f"False when the sequence length {length} is not a multiple of the mesh tensor axis size "
+            f"{tensor_size} (sequence parallelism splits the sequence over the tensor axis)")
+
+
 def all_reduce(partial_sum: jax.Array) -> jax.Array:
     """``y = sum_t partial_sum^(t)`` over the tensor axis (inside a ``shard_map``)."""
     return jax.lax.psum(partial_sum, TENSOR_AXIS)
@@ -98,3 +113,29 @@ def all_reduce(partial_sum: jax.Array) -> jax.Array:
 def mark_varying(x: jax.Array) -> jax.Array:
     """``x`` typed as varying over the tensor axis (a per-device partial sum), e.g. a zero scan carry."""
     return jax.lax.pcast(x, TENSOR_AXIS, to="varying")
+
+
+def all_gather_sequence(chunk: jax.Array) -> jax.Array:
+    """``[B, T/n, ...]`` -> ``[B, T, ...]``: the n devices' sequence chunks concatenated in tensor-axis order."""
+    return jax.lax.all_gather(chunk, TENSOR_AXIS, axis=1, tiled=True)
+
+
+def reduce_scatter_sequence(partial_sum: jax.Array) -> jax.Array:
+    """``[B, T, ...]`` -> ``[B, T/n, ...]``: on device t, rows ``t T/n .. (t+1) T/n`` of the all-reduce's
+    ``sum_s partial_sum^(s)``."""
+    return jax.lax.psum_scatter(partial_sum, TENSOR_AXIS, scatter_dimension=1, tiled=True)
+
+
+def repeat_sequence(chunk: jax.Array, tensor_size: int) -> jax.Array:
+    """``[B, T/n, ...]`` -> ``[B, T, ...]``: this device's chunk repeated n times. The all-gather's output
+    shape without communication (the sequence-parallel upper bound); not the gathered values."""
+    return jnp.concatenate([chunk] * tensor_size, axis=1)
+
+
+def own_sequence_chunk(partial_sum: jax.Array, tensor_size: int) -> jax.Array:
+    """``[B, T, ...]`` -> ``[B, T/n, ...]``: rows ``t T/n .. (t+1) T/n`` of this device's own partial sum
+    on device t. The reduce-scatter's output shape without communication (the sequence-parallel upper
+    bound); not the summed values."""
+    chunk_length = partial_sum.shape[1] // tensor_size
+    start = jax.lax.axis_index(TENSOR_AXIS) * chunk_length
+    return jax.lax.dynamic_slice_in_dim(partial_sum, start, chunk_length, axis=1)
