@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from jaxlm.errors import is_int, require
 from jaxlm.generate import generate
@@ -188,9 +189,11 @@ def solve_task(model: nnx.Module, task: ArcTask, config: TTTConfig) -> dict[str,
     return {method: count / len(task.tests) for method, count in solved.items()}
 
 
-def evaluate(model: nnx.Module, tasks: Sequence[ArcTask], config: TTTConfig, mode: str = "ttt") -> list[TaskOutcome]:
+def evaluate(model: nnx.Module, tasks: Sequence[ArcTask], config: TTTConfig, mode: str = "ttt",
+             progress: bool = False) -> list[TaskOutcome]:
     """Score ``tasks`` with the base model (``"ft"``), a fresh adapter per task (``"ttt"``), or one adapter
-    trained on all tasks' TTT items (``"shared"``, ``steps × len(tasks)`` updates: the same compute)."""
+    trained on all tasks' TTT items (``"shared"``, ``steps × len(tasks)`` updates: the same compute);
+    ``progress`` shows a bar over the tasks."""
     config.validate()
     require(mode in TTT_MODES, "mode", mode, f"one of {TTT_MODES}")
     rng = np.random.default_rng(config.seed)
@@ -198,7 +201,8 @@ def evaluate(model: nnx.Module, tasks: Sequence[ArcTask], config: TTTConfig, mod
             f"less than model.max_seq_len={model.config.max_seq_len}")
     items = [ttt_examples(task, config, rng) if mode != "ft" else [] for task in tasks]
     if mode == "ft":
-        return [TaskOutcome(task.name, solve_task(model, task, config), 0) for task in tasks]
+        return [TaskOutcome(task.name, solve_task(model, task, config), 0)
+                for task in tqdm(tasks, desc="ft", disable=not progress)]
     if mode == "shared":
         pooled = [item for task_items in items for item in task_items]
         trainer = config.adapter_trainer(model, config.steps * len(tasks))
@@ -206,10 +210,10 @@ def evaluate(model: nnx.Module, tasks: Sequence[ArcTask], config: TTTConfig, mod
         adapter, _ = trainer.train(adapter, example_batches(pooled, config.batch_size, config.seq_len, rng))
         adapted = trainer.model_with(adapter)
         return [TaskOutcome(task.name, solve_task(adapted, task, config), len(task_items))
-                for task, task_items in zip(tasks, items)]
+                for task, task_items in tqdm(list(zip(tasks, items)), desc="shared", disable=not progress)]
     trainer = config.adapter_trainer(model, config.steps)
     outcomes = []
-    for index, (task, task_items) in enumerate(zip(tasks, items)):
+    for index, (task, task_items) in enumerate(tqdm(list(zip(tasks, items)), desc=mode, disable=not progress)):
         if not task_items:  # nothing fits the training length: the base model answers
             outcomes.append(TaskOutcome(task.name, solve_task(model, task, config), 0))
             continue

@@ -5,6 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ttt_arc" / "run.py"
 
 
@@ -43,3 +47,34 @@ def test_fitting_arc_tasks_respect_context_and_answer_budget():
     assert all(any(script.task_length(t, i) > preset.model.max_seq_len
                    or script.answer_length(out.shape) > preset.ttt.max_new_tokens
                    for i, (_, out) in enumerate(t.tests)) for t in left_out)
+
+
+def test_finetune_then_evaluate_phases_round_trip_the_model(tmp_path, monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "MAX_SHARD_BYTES", 4096)  # several shards even for the tiny model
+    preset = script.PRESETS["smoke"]
+    tuned = script.run("smoke", phase="finetune", model_dir=tmp_path)
+    assert len(list(tmp_path.glob("model-*.npz"))) > 1
+    assert "held_out" not in tuned and tuned["finetune_final"]["step"] == preset.ft_steps
+    model, record = script.load_model(preset, tmp_path)
+    assert record["finetune_final"] == tuned["finetune_final"]
+    saved = {}
+    for shard in sorted(tmp_path.glob("model-*.npz")):
+        saved.update(np.load(shard))
+    leaves = jax.tree_util.tree_flatten_with_path(script.nnx.state(model, script.nnx.Param))[0]
+    assert len(leaves) == len(saved)
+    fresh = jax.tree_util.tree_flatten_with_path(script.nnx.state(script.DecoderLM(preset.model, rngs=script.nnx.Rngs(0)),
+                                                                  script.nnx.Param))[0]
+    changed = 0
+    for (path, leaf), (_, initial) in zip(leaves, fresh):
+        np.testing.assert_array_equal(np.asarray(leaf), saved[jax.tree_util.keystr(path)])
+        changed += not np.array_equal(np.asarray(leaf), np.asarray(initial))
+    assert changed > 0  # the loaded values are the fine-tuned ones, not a fresh init
+    scored = script.run("smoke", phase="evaluate", model_dir=tmp_path, settings=("ft",))
+    assert list(scored["held_out"]) == ["FT only"] and scored["finetune_final"] == tuned["finetune_final"]
+
+
+def test_evaluate_phase_without_a_saved_model_names_the_missing_file(tmp_path):
+    script = load_script()
+    with pytest.raises(FileNotFoundError, match="finetune.json"):
+        script.load_model(script.PRESETS["smoke"], tmp_path)
