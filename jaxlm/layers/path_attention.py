@@ -1,8 +1,10 @@
 """PaTH attention mixer (Yang et al. 2025): softmax attention whose positions come from data-dependent
-Householder transformations instead of RoPE, with the optional forget gate of PaTH-FoX."""
+Householder transformations instead of RoPE, with the optional forget gate of PaTH-FoX; and the Forgetting
+Transformer's attention (FoX, Lin et al. 2025), which is the same layer without Householders."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import jax
@@ -29,12 +31,14 @@ class PaTHAttention(nnx.Module):
     per kv head ``β_t = 2·sigmoid(x_t Wβ + bβ) ∈ (0, 2)`` and ``w_t = L2norm(SiLU(conv(x_t W_w1 W_w2)))``
     (rank ``config.path.low_rank``, causal depthwise conv of width ``config.path.conv_width``), float32;
     with ``config.path.forget_gate`` per query head ``log_f_t = logsigmoid(x_t Wf + bf)``;
-    ``o = path_attention(q, k, v, w, β, log_f) Wo``.
+    ``o = path_attention(q, k, v, w, β, log_f) Wo``. With ``config.path.householder`` False there are no
+    w/β projections and ``β = 0`` (every ``H_t = I``): softmax attention with no position encoding, plus
+    the forget gate when it is on (``ForgettingAttention``).
 
     Decode cache: ``k [B, S, G, D]`` float32 keys already carried through every Householder so far (they
     are rewritten each step, so they stay float32), ``v [B, S, G, D]``, ``w_conv [B, W-1, G·D]`` float32
-    conv state of the direction branch, ``length [B]`` int32 and, with the gate, ``cum_log_f [B, S, H]``
-    float32 (``G_j`` per slot). A multi-token call with a cache is a prefill into an empty cache
+    conv state of the direction branch (only with Householders), ``length [B]`` int32 and, with the gate,
+    ``cum_log_f [B, S, H]`` float32 (``G_j`` per slot). A multi-token call with a cache is a prefill into an empty cache
     (``segment_ids`` 0 marks right padding, whose Householders and gates are left out); a one-token call
     is a decode step at slot ``length``.
     """
@@ -45,6 +49,7 @@ class PaTHAttention(nnx.Module):
         d, head_dim = config.d_model, config.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
         self.impl, self.block_size, self.forget_gate = options.impl, options.block_size, options.forget_gate
+        self.householder = options.householder
         self.compute_dtype = jnp.dtype(config.compute_dtype)
         bias = config.attention_bias
         kv_width = self.num_kv_heads * head_dim
@@ -52,11 +57,12 @@ class PaTHAttention(nnx.Module):
         self.k_proj = dense(config, d, kv_width, ("embed", "kv_heads"), rngs=rngs, use_bias=bias)
         self.v_proj = dense(config, d, kv_width, ("embed", "kv_heads"), rngs=rngs, use_bias=bias)
         self.o_proj = dense(config, self.num_heads * head_dim, d, ("heads", "embed"), rngs=rngs, use_bias=bias)
-        self.beta_proj = dense(config, d, self.num_kv_heads, ("embed", "kv_heads"), rngs=rngs, use_bias=True)
-        self.direction_down = dense(config, d, options.low_rank, ("embed", None), rngs=rngs)
-        self.direction_up = dense(config, options.low_rank, kv_width, (None, "kv_heads"), rngs=rngs)
-        conv_init = nnx.with_partitioning(_symmetric_uniform(options.conv_width ** -0.5), (None, "kv_heads"))
-        self.direction_conv = nnx.Param(conv_init(rngs.params(), (options.conv_width, kv_width), jnp.float32))
+        if self.householder:
+            self.beta_proj = dense(config, d, self.num_kv_heads, ("embed", "kv_heads"), rngs=rngs, use_bias=True)
+            self.direction_down = dense(config, d, options.low_rank, ("embed", None), rngs=rngs)
+            self.direction_up = dense(config, options.low_rank, kv_width, (None, "kv_heads"), rngs=rngs)
+            conv_init = nnx.with_partitioning(_symmetric_uniform(options.conv_width ** -0.5), (None, "kv_heads"))
+            self.direction_conv = nnx.Param(conv_init(rngs.params(), (options.conv_width, kv_width), jnp.float32))
         if self.forget_gate:
             self.forget_proj = dense(config, d, self.num_heads, ("embed", "heads"), rngs=rngs, use_bias=True)
 
@@ -69,11 +75,15 @@ class PaTHAttention(nnx.Module):
         q = self.q_proj(x).reshape(batch_size, length, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch_size, length, self.num_kv_heads, self.head_dim)  # [B, T, G, D]
         v = self.v_proj(x).reshape(batch_size, length, self.num_kv_heads, self.head_dim)  # [B, T, G, D]
-        beta = 2.0 * jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))  # [B, T, G]
         log_f = jax.nn.log_sigmoid(self.forget_proj(x).astype(jnp.float32)) if self.forget_gate else None  # [B, T, H]
-        direction_inputs = self.direction_up(self.direction_down(x)).astype(jnp.float32)  # [B, T, G*D]
+        if self.householder:
+            beta = 2.0 * jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))  # [B, T, G]
+            direction_inputs = self.direction_up(self.direction_down(x)).astype(jnp.float32)  # [B, T, G*D]
+        else:  # every H_t = I: no direction branch at all
+            beta = jnp.zeros((batch_size, length, self.num_kv_heads), jnp.float32)  # [B, T, G]
+            direction_inputs = None
         if cache is None:
-            w = self.directions(direction_inputs, segment_ids=segment_ids)  # [B, T, G, D]
+            w = self.directions(direction_inputs, segment_ids=segment_ids, like=k)  # [B, T, G, D]
             out = path_attention(q, k, v, w, beta, log_f, impl=self.impl, block_size=self.block_size,
                                  segment_ids=segment_ids)
         elif length == 1:
@@ -83,9 +93,12 @@ class PaTHAttention(nnx.Module):
         out = out.reshape(batch_size, length, self.num_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out), cache
 
-    def directions(self, direction_inputs: jax.Array, initial_state: jax.Array | None = None,
-                   segment_ids: jax.Array | None = None) -> jax.Array:
-        """``w = L2norm(SiLU(conv(u)))`` per kv head: ``u [B, T, G*D]`` float32 -> ``[B, T, G, D]`` float32."""
+    def directions(self, direction_inputs: jax.Array | None, initial_state: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None, like: jax.Array | None = None) -> jax.Array:
+        """``w = L2norm(SiLU(conv(u)))`` per kv head: ``u [B, T, G*D]`` float32 -> ``[B, T, G, D]`` float32.
+        Without Householders (``u`` None) ``w = 0`` shaped like the keys ``like [B, T, G, D]`` (β = 0 too)."""
+        if direction_inputs is None:
+            return jnp.zeros(like.shape, jnp.float32)
         convolved, _ = causal_conv1d(direction_inputs, self.direction_conv[...], initial_state=initial_state,
                                      segment_ids=segment_ids)  # [B, T, G*D]
         return self.unit_directions(convolved)
@@ -107,14 +120,18 @@ class PaTHAttention(nnx.Module):
             raise ValueError(f"PaTH prefill of {length} tokens does not fit a cache of {num_slots} slots")
         real = jnp.ones((batch_size, length), bool) if segment_ids is None else segment_ids != 0  # [B, T]
         beta = jnp.where(real[..., None], beta, 0.0)  # padding: H = I
-        w = self.directions(direction_inputs, initial_state=cache["w_conv"])  # [B, T, G, D]
+        w = self.directions(direction_inputs, initial_state=cache.get("w_conv"), like=k)  # [B, T, G, D]
         out = path_attention(q, k, v, w, beta, log_f, impl=self.impl, block_size=self.block_size)
         lengths = real.sum(axis=1).astype(jnp.int32)  # [B]
-        keys = path_prefill_keys(k, w, beta, block_size=self.block_size)  # [B, T, G, D]
+        if self.householder:
+            keys = path_prefill_keys(k, w, beta, block_size=self.block_size)  # [B, T, G, D]
+        else:
+            keys = k  # no Householder ever moves a key
         new_cache = dict(cache)
         new_cache["k"] = cache["k"].at[:, :length].set(keys.astype(cache["k"].dtype))
         new_cache["v"] = cache["v"].at[:, :length].set(v.astype(cache["v"].dtype))
-        new_cache["w_conv"] = conv_state_after(cache["w_conv"], direction_inputs, lengths)
+        if self.householder:
+            new_cache["w_conv"] = conv_state_after(cache["w_conv"], direction_inputs, lengths)
         new_cache["length"] = lengths
         if log_f is not None:
             gate = jnp.cumsum(jnp.where(real[..., None], log_f, 0.0), axis=1)  # G_t  [B, T, H]
@@ -123,14 +140,18 @@ class PaTHAttention(nnx.Module):
 
     def decode_step(self, q, k, v, direction_inputs, beta, log_f, cache):
         """One token per row (``T = 1``): move the cached keys past ``H_t``, append, attend."""
-        convolved, conv_state = causal_conv1d_step(cache["w_conv"], direction_inputs[:, 0],
-                                                   self.direction_conv[...])  # [B, G*D]
-        w_t = self.unit_directions(convolved)  # [B, G, D]
+        new_cache = {}
+        if self.householder:
+            convolved, new_cache["w_conv"] = causal_conv1d_step(cache["w_conv"], direction_inputs[:, 0],
+                                                                self.direction_conv[...])  # [B, G*D]
+            w_t = self.unit_directions(convolved)  # [B, G, D]
+        else:
+            w_t = jnp.zeros(k[:, 0].shape, jnp.float32)  # [B, G, D] with β = 0: H_t = I
         log_f_t = None if log_f is None else log_f[:, 0]
         out, (keys, values, lengths, cum_log_f) = path_decode_step(
             cache["k"], cache["v"], cache["length"], q[:, 0], k[:, 0], v[:, 0], w_t, beta[:, 0], log_f_t,
             cache.get("cum_log_f"))
-        new_cache = {"k": keys, "v": values, "w_conv": conv_state, "length": lengths}
+        new_cache.update(k=keys, v=values, length=lengths)
         if cum_log_f is not None:
             new_cache["cum_log_f"] = cum_log_f
         return out[:, None], new_cache
@@ -139,16 +160,34 @@ class PaTHAttention(nnx.Module):
         """Empty cache (class docstring); values in ``dtype`` (compute dtype by default), the rest float32."""
         dtype = self.compute_dtype if dtype is None else dtype
         shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
-        width = self.direction_conv.shape[0]
         cache = {
             "k": jnp.zeros(shape, jnp.float32),
             "v": jnp.zeros(shape, dtype),
-            "w_conv": jnp.zeros((batch_size, width - 1, self.num_kv_heads * self.head_dim), jnp.float32),
             "length": jnp.zeros((batch_size,), jnp.int32),
         }
+        if self.householder:
+            width = self.direction_conv.shape[0]
+            cache["w_conv"] = jnp.zeros((batch_size, width - 1, self.num_kv_heads * self.head_dim), jnp.float32)
         if self.forget_gate:
             cache["cum_log_f"] = jnp.zeros((batch_size, max_length, self.num_heads), jnp.float32)
         return cache
+
+
+@register_mixer("fox")
+class ForgettingAttention(PaTHAttention):
+    """Forgetting Attention (Lin et al. 2025, "Forgetting Transformer", section 2): grouped-query softmax
+    attention with no position encoding and a data-dependent forget gate per query head,
+
+        f_t = sigmoid(x_t Wf + bf),   G_t = Σ_{s≤t} log f_s,
+        o_i = Σ_{j≤i} softmax_j(scale·q_iᵀ k_j + G_i − G_j) v_j,
+
+    i.e. PaTH-FoX with every Householder the identity (β = 0): ``config.path`` with ``householder=False``
+    and ``forget_gate=True`` whatever it says (its ``impl`` and ``block_size`` still apply). Decode cache
+    as ``PaTHAttention`` without the direction conv state."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        options = dataclasses.replace(config.path, householder=False, forget_gate=True)
+        super().__init__(dataclasses.replace(config, path=options), layer_index, rngs=rngs)
 
 
 def conv_state_after(initial_state: jax.Array, inputs: jax.Array, lengths: jax.Array) -> jax.Array:

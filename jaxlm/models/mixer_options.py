@@ -80,16 +80,20 @@ class LogLinearOptions:
 @dataclasses.dataclass(frozen=True)
 class PaTHOptions:
     """PaTH attention: Householder direction from a rank-``low_rank`` projection and a causal conv of
-    ``conv_width``; ``forget_gate`` adds the FoX gate (PaTH-FoX); ``block_size`` of the blockwise form."""
+    ``conv_width``; ``forget_gate`` adds the FoX gate (PaTH-FoX); ``block_size`` of the blockwise form.
+    ``householder=False`` drops the Householder branch (no w/β projections, β = 0): softmax attention
+    without position encoding, which with the forget gate is the Forgetting Transformer (mixer ``fox``)."""
 
     low_rank: int = 32
     conv_width: int = 3
     forget_gate: bool = False
+    householder: bool = True
     block_size: int = 64
     impl: str = "blockwise"
 
     def validate(self) -> "PaTHOptions":
         _require_positive_ints("path", self, ("low_rank", "conv_width", "block_size"))
         require(isinstance(self.forget_gate, bool), "model.path.forget_gate", self.forget_gate, "True or False")
+        require(isinstance(self.householder, bool), "model.path.householder", self.householder, "True or False")
         require(self.impl in PATH_IMPLS, "model.path.impl", self.impl, f"one of {PATH_IMPLS}")
         return self

@@ -1,0 +1,285 @@
+"""MQAR recall: Mamba-2 vs log-linear Mamba-2 and Gated DeltaNet vs log-linear Gated DeltaNet.
+
+    python experiments/mqar/run.py --preset gpu --output experiments/mqar/results_gpu.json   # one H100, <= 5 min
+    python experiments/mqar/run.py --preset cpu --output experiments/mqar/results_cpu.json   # reduced, CPU
+    python experiments/mqar/run.py --preset smoke --output /tmp/mqar_smoke.json               # seconds (the tests)
+
+Protocol (Zoology-like; Arora et al. 2023, and REFERENCE.md §2, §8): one sequence length; every example is
+``num_pairs`` key-value pairs followed by a query of every stored key (``jaxlm.tasks.mqar``), right-padded.
+Each seed has a fixed training set whose examples take their pair count from the training mixture in turn;
+each step draws a batch from it. The loss is the cross-entropy of the queried values only. After every
+``steps_per_call`` steps the models predict a held-out set (fresh draws from the evaluation stream, the same
+for every seed and model) and recall accuracy is measured per pair count: the fraction of queried values
+whose argmax prediction is right.
+
+Parameter matching: the log-linear layer adds its λ projection ``W_λ [d_model, H·levels]`` and the
+per-level scales ``[H, levels]``. The linear model gets the SwiGLU hidden width (3·d_model parameters per
+unit per layer) that brings its count closest to the log-linear one; both counts are reported.
+
+All models of one width and seed see the same batches and start from the same seed. The seeds train
+together (``seeds.py``: parameters stacked, one vmapped AdamW step, many steps per jitted call), so each
+(mixer, width) compiles once. Writes the JSON results to ``--output`` and a plot next to it (same name, .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from jaxlm.models import ModelConfig
+from jaxlm.models.mixer_options import GatedDeltaNetOptions, Mamba2Options
+from jaxlm.tasks import EVAL_STREAM, TRAIN_STREAM, TaskSource
+from jaxlm.tasks.mqar import MQARTask
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "mqar.py"
+EVAL_SEED = 12345  # the held-out set is one draw of the evaluation stream, shared by every seed and model
+
+
+def load_module(path: pathlib.Path, name: str):
+    """Import a Python file by path (registered in ``sys.modules`` so its dataclasses resolve)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+seeds_lib = load_module(HERE / "seeds.py", "experiment_seeds")
+
+
+def load_config(preset: str, path: str | pathlib.Path = DEFAULT_CONFIG):
+    """``get_config(preset)`` of a config file."""
+    return load_module(pathlib.Path(path), f"mqar_config_{pathlib.Path(path).stem}").get_config(preset)
+
+
+def mqar_task(task_config, num_pairs: int) -> MQARTask:
+    """The MQAR task with ``num_pairs`` pairs, each queried once, at the experiment's sequence length."""
+    return MQARTask(seq_len=task_config.seq_len, num_pairs=num_pairs, num_queries=num_pairs,
+                    num_keys=task_config.num_keys, num_values=task_config.num_values)
+
+
+def check_task(task_config) -> None:
+    """ValueError naming the field when a pair count does not fit the sequence or the eval set does not batch."""
+    for field in ("train_pairs", "eval_pairs"):
+        for num_pairs in getattr(task_config, field):
+            if not 0 < 4 * num_pairs <= task_config.seq_len + 1 or num_pairs > task_config.num_keys:
+                raise ValueError(f"task.{field} holds {num_pairs}: a pair count must be positive, at most "
+                                 f"task.num_keys={task_config.num_keys} and fit 4 * pairs <= task.seq_len + 1 = "
+                                 f"{task_config.seq_len + 1} tokens (pairs then one query per pair)")
+    total = len(task_config.eval_pairs) * task_config.eval_examples
+    if total % task_config.eval_batch_size:
+        raise ValueError(f"task.eval_batch_size={task_config.eval_batch_size} must divide the held-out set of "
+                         f"len(task.eval_pairs) * task.eval_examples = {total} examples")
+
+
+def draw_examples(tasks: list[MQARTask], seed: int, stream: int,
+                  count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` examples, example ``i`` from ``tasks[i % len(tasks)]`` (item ``i`` of its seeded stream).
+
+    Returns ids ``[count, T + 1]`` int32, answer masks ``[count, T + 1]`` bool and the pair count of each row.
+    """
+    sources = [TaskSource(task, seed, stream) for task in tasks]
+    items = [sources[i % len(tasks)][i] for i in range(count)]
+    ids = np.stack([item[0] for item in items])  # [N, T + 1]
+    answer_mask = np.stack([item[1] for item in items])  # [N, T + 1]
+    pairs = np.array([tasks[i % len(tasks)].num_pairs for i in range(count)])  # [N]
+    return ids, answer_mask, pairs
+
+
+def held_out_set(task_config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``eval_examples`` held-out examples per pair count of ``eval_pairs``, grouped by pair count."""
+    sets = [draw_examples([mqar_task(task_config, p)], EVAL_SEED, EVAL_STREAM, task_config.eval_examples)
+            for p in task_config.eval_pairs]
+    return tuple(np.concatenate(parts) for parts in zip(*sets))
+
+
+def batch_chunks(train_sets: list[tuple[np.ndarray, np.ndarray]], steps: int, chunk_steps: int, batch_size: int,
+                 seeds: list[int]):
+    """Chunks of ``chunk_steps`` training batches ``{"tokens", "targets", "loss_mask"}: [K, S, B, T]``.
+
+    Seed ``s`` draws rows of its own training set uniformly (with replacement) from ``default_rng([s, 1])``;
+    inputs are ``ids[:-1]``, targets ``ids[1:]``, and only the queried values (``answer_mask[1:]``) are scored.
+    """
+    rows = [np.random.default_rng([seed, 1]).integers(0, len(ids), size=(steps, batch_size))
+            for seed, (ids, _) in zip(seeds, train_sets)]  # S x [steps, B]
+    for start in range(0, steps, chunk_steps):
+        ids = np.stack([train_ids[r[start:start + chunk_steps]] for (train_ids, _), r in zip(train_sets, rows)],
+                       axis=1)  # [K, S, B, T + 1]
+        mask = np.stack([train_mask[r[start:start + chunk_steps]] for (_, train_mask), r in zip(train_sets, rows)],
+                        axis=1)  # [K, S, B, T + 1]
+        yield {"tokens": ids[..., :-1], "targets": ids[..., 1:], "loss_mask": mask[..., 1:].astype(np.float32)}
+
+
+def recall_accuracy(predictions: np.ndarray, ids: np.ndarray, answer_mask: np.ndarray, pairs: np.ndarray,
+                    pair_counts) -> np.ndarray:
+    """Per seed and pair count, the fraction of queried values predicted exactly.
+
+    ``predictions [S, N, T]`` are argmax tokens for inputs ``ids[:, :-1]``; a query-value position t is
+    right when ``predictions[s, n, t] == ids[n, t + 1]`` and ``answer_mask[n, t + 1]``. Returns ``[S, P]``
+    with ``acc[s, p] = Σ right / Σ answer positions`` over the rows with ``pair_counts[p]`` pairs.
+    """
+    targets, scored = ids[:, 1:], answer_mask[:, 1:]  # [N, T]
+    right = (predictions == targets[None]) & scored[None]  # [S, N, T]
+    accuracy = np.zeros((predictions.shape[0], len(pair_counts)))
+    for index, num_pairs in enumerate(pair_counts):
+        rows = pairs == num_pairs
+        accuracy[:, index] = right[:, rows].sum(axis=(1, 2)) / max(scored[rows].sum(), 1)
+    return accuracy
+
+
+def model_config(config, mixer: str, width: int, mlp_dim: int, vocab_size: int) -> ModelConfig:
+    """The decoder of one (mixer, width) with SwiGLU hidden width ``mlp_dim``."""
+    model = config.model
+    return ModelConfig(
+        vocab_size=vocab_size, d_model=width, num_layers=model.num_layers, num_heads=model.num_heads,
+        num_kv_heads=model.num_heads, mlp_dim=mlp_dim, max_seq_len=config.task.seq_len, mixer=mixer, scan_layers=True,
+        mamba2=Mamba2Options(state_dim=model.mamba2_state_dim, head_dim=model.mamba2_head_dim,
+                             expand=model.mamba2_expand, chunk_size=model.chunk_size),
+        gated_deltanet=GatedDeltaNetOptions(chunk_size=model.chunk_size))
+
+
+def matched_configs(config, linear: str, loglinear: str, width: int, vocab_size: int) -> dict[str, ModelConfig]:
+    """Configs of the linear and log-linear mixer at ``width`` with (near) equal parameter counts.
+
+    The log-linear model has ``mlp_dim = mlp_ratio · width``; the linear one ``mlp_dim + round(Δ / (3 ·
+    width · num_layers))`` with Δ the log-linear model's extra parameters (a SwiGLU hidden unit costs
+    3·width parameters per layer).
+    """
+    base_mlp = config.model.mlp_ratio * width
+    loglinear_config = model_config(config, loglinear, width, base_mlp, vocab_size)
+    extra = seeds_lib.parameter_count(loglinear_config) - seeds_lib.parameter_count(
+        model_config(config, linear, width, base_mlp, vocab_size))
+    linear_mlp = base_mlp + round(extra / (3 * width * config.model.num_layers))
+    return {linear: model_config(config, linear, width, linear_mlp, vocab_size), loglinear: loglinear_config}
+
+
+def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], train_sets, held_out) -> dict:
+    """Train ``model_cfg`` for every seed at once; held-out recall per pair count after every call."""
+    train = config.train
+    chunk_steps = seeds_lib.steps_per_call(train.steps, train.steps_per_call)
+    start = time.perf_counter()
+    model = seeds_lib.build_seed_models(model_cfg, seeds)
+    trainer = seeds_lib.make_trainer(model, train)
+    eval_ids, eval_mask, eval_pairs = held_out
+    eval_tokens = eval_ids[:, :-1].reshape(-1, config.task.eval_batch_size, config.task.seq_len)  # [E, Be, T]
+    chunks = batch_chunks(train_sets, train.steps, chunk_steps, train.batch_size, seeds)
+    losses, predictions = seeds_lib.train_seeds(model, trainer, chunks, eval_tokens)
+    curve = []
+    for call, prediction in enumerate(predictions):
+        prediction = seeds_lib.predictions_by_seed(prediction)  # [S, N, T]
+        accuracy = recall_accuracy(prediction, eval_ids, eval_mask, eval_pairs, config.task.eval_pairs)  # [S, P]
+        curve.append({"step": (call + 1) * chunk_steps, "accuracy": accuracy.tolist()})
+    final = np.array(curve[-1]["accuracy"])  # [S, P]
+    return {
+        "mixer": model_cfg.mixer, "width": model_cfg.d_model, "mlp_dim": model_cfg.mlp_dim,
+        "num_params": model.num_params, "num_params_without_embeddings": model.num_params_without_embeddings,
+        "seeds": seeds, "eval_pairs": list(config.task.eval_pairs),
+        "accuracy": final.tolist(), "mean_accuracy": final.mean(axis=0).tolist(),
+        "std_accuracy": final.std(axis=0).tolist(),
+        "final_loss": losses[-max(1, chunk_steps // 10):].mean(axis=0).tolist(), "curve": curve,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def results_table(runs: list[dict], eval_pairs) -> str:
+    """Markdown table: one row per (width, mixer), recall accuracy mean ± std over seeds per pair count."""
+    header = "| width | mixer | params | " + " | ".join(f"{p} pairs" for p in eval_pairs) + " | mean |"
+    lines = [header, "|" + "---|" * (4 + len(eval_pairs))]
+    for run in runs:
+        cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(run["mean_accuracy"], run["std_accuracy"])]
+        mean = 100 * float(np.mean(run["mean_accuracy"]))
+        lines.append(f"| {run['width']} | {run['mixer']} | {run['num_params']:,} | " + " | ".join(cells)
+                     + f" | {mean:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: pathlib.Path) -> None:
+    """Recall accuracy vs pair count, one panel per width, mean ± std over seeds for every mixer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({run["width"] for run in runs})
+    figure, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False)
+    for axis, width in zip(axes[0], widths):
+        for run in (r for r in runs if r["width"] == width):
+            style = "-" if run["mixer"].startswith("loglinear") else "--"
+            axis.errorbar(run["eval_pairs"], run["mean_accuracy"], yerr=run["std_accuracy"], linestyle=style,
+                          marker="o", capsize=3, label=f"{run['mixer']} ({run['num_params']:,})")
+        axis.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", title=f"d_model = {width}",
+                 ylim=(0, 1.02))
+        axis.set_xticks(runs[0]["eval_pairs"], [str(p) for p in runs[0]["eval_pairs"]])
+        axis.minorticks_off()
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "smoke"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file with get_config(preset)")
+    parser.add_argument("--output", default="", help="results JSON path (the plot goes next to it, .png)")
+    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
+    parser.add_argument("--seeds", type=int, default=0, help="number of seeds (0: the preset's)")
+    parser.add_argument("--seed-batching", default="", choices=("", *seeds_lib.SEED_BATCHING),
+                        help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
+    parser.add_argument("--only", nargs="+", default=(), metavar="MIXER",
+                        help="run only the pairs whose linear mixer is named (e.g. mamba2); default: every pair")
+    args = parser.parse_args(argv)
+    config = load_config(args.preset, args.config)
+    if args.only:
+        known = [linear for linear, _ in config.mixer_pairs]
+        if not set(args.only) <= set(known):
+            raise ValueError(f"--only {args.only}: each name must be the linear mixer of a pair, one of {known}")
+        config.mixer_pairs = tuple(pair for pair in config.mixer_pairs if pair[0] in args.only)
+    if args.steps:
+        config.train.steps = args.steps
+    if args.seeds:
+        config.seeds = args.seeds
+    if args.seed_batching:
+        config.train.seed_batching = args.seed_batching
+    check_task(config.task)
+    seeds = list(range(config.seeds))
+    start = time.perf_counter()
+    train_tasks = [mqar_task(config.task, p) for p in config.task.train_pairs]
+    train_sets = [draw_examples(train_tasks, seed, TRAIN_STREAM, config.task.train_examples)[:2] for seed in seeds]
+    held_out = held_out_set(config.task)
+    vocab_size = train_tasks[0].tokenizer.vocab_size
+    print(f"data: {len(seeds)} x {config.task.train_examples} training + {len(held_out[0])} held-out examples "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    runs = []
+    for linear, loglinear in config.mixer_pairs:
+        for width in config.model.widths:
+            for mixer, model_cfg in matched_configs(config, linear, loglinear, width, vocab_size).items():
+                run = train_and_evaluate(model_cfg, config, seeds, train_sets, held_out)
+                runs.append(run)
+                print(f"{mixer:<26} d={width:<4} params {run['num_params']:>9,} mean recall "
+                      f"{100 * np.mean(run['mean_accuracy']):5.1f}%  loss {np.mean(run['final_loss']):.3f}  "
+                      f"wall {run['wall_s']:.1f} s", flush=True)
+    results = {"preset": args.preset, "config": config.to_dict(), "runs": runs,
+               "total_wall_s": time.perf_counter() - start}
+    table = results_table(runs, config.task.eval_pairs)
+    print(f"\nrecall accuracy (%), mean ± std over {len(seeds)} seeds; total wall {results['total_wall_s']:.1f} s")
+    print(table)
+    if args.output:
+        output = pathlib.Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=1))
+        plot(runs, output.with_suffix(".png"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
