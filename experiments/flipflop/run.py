@@ -22,7 +22,6 @@ times), ``results.md`` (the table) and ``error_rates.png`` to ``--output``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.models.config import ModelConfig
+from jaxlm.experiment import model_config_with, preset_config
 from jaxlm.models.decoder import DecoderLM
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.tasks import EVAL_STREAM, FLIPFLOP_PRESETS, TRAIN_STREAM, FlipFlopTask, TaskSource, flipflop_preset
@@ -45,26 +45,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "flipflop.py"
 DENSITIES = ("train", "sparse", "dense")  # FFL(0.8), FFL(0.98), FFL(0.1)
 LOSS_ON = ("all", "answers")
-
-
-def load_config(path: str | pathlib.Path, preset: str):
-    """``get_config(preset)`` of a config file."""
-    spec = importlib.util.spec_from_file_location("flipflop_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
-def model_config(base: dict, fields: dict) -> ModelConfig:
-    """``ModelConfig`` from ``base`` with a variant's ``fields`` on top; a dict value sets fields of that
-    options section (``{"path": {"forget_gate": True}}``), merged over the base's own."""
-    merged = {**base}
-    for name, value in fields.items():
-        merged[name] = {**base.get(name, {}), **value} if isinstance(value, dict) else value
-    defaults = ModelConfig()
-    values = {name: type(getattr(defaults, name))(**value) if isinstance(value, dict) else value
-              for name, value in merged.items()}
-    return ModelConfig(**values).validate()
 
 
 def single_device_mesh():
@@ -135,7 +115,7 @@ def greedy_predictions(model: DecoderLM, tokens: np.ndarray, batch_size: int) ->
 def run_variant(name: str, fields: dict, seed: int, config, evaluation: dict) -> dict:
     """Train one variant from scratch with ``seed``, then score it on every evaluation density."""
     train = config.train
-    model = DecoderLM(model_config(config.model.to_dict(), fields), rngs=nnx.Rngs(seed))
+    model = DecoderLM(model_config_with(config.model.to_dict(), fields), rngs=nnx.Rngs(seed))
     warmup_steps = min(train.warmup_steps, train.steps // 2)  # a short --steps override keeps a valid schedule
     optimizer = OptimizerConfig(learning_rate=train.learning_rate, warmup_steps=warmup_steps,
                                 weight_decay=train.weight_decay)
@@ -208,7 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="", help="comma-separated subset of the preset's variants")
     parser.add_argument("--loss-on", default="", choices=("",) + LOSS_ON, help="override train.loss_on")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.preset)
+    config = preset_config(args.config, args.preset)
     if args.steps:
         config.train.steps = args.steps
     if args.seeds:

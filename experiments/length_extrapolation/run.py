@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import tempfile
@@ -40,6 +39,7 @@ import optax
 from flax import nnx
 
 from jaxlm.models.config import ModelConfig
+from jaxlm.experiment import model_config_with, preset_config
 from jaxlm.models.decoder import DecoderLM
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.config import MeshConfig, OptimizerConfig
@@ -102,26 +102,6 @@ class MarkovCopyLanguage:
         return tokens, sources
 
 
-def load_config(path: str | pathlib.Path, preset: str):
-    """``get_config(preset)`` of a config file."""
-    spec = importlib.util.spec_from_file_location("length_extrapolation_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
-def model_config(base: dict, fields: dict) -> ModelConfig:
-    """``ModelConfig`` from ``base`` with a variant's ``fields`` on top; a dict value sets fields of that
-    options section (``{"path": {"forget_gate": True}}``), merged over the base's own."""
-    merged = {**base}
-    for name, value in fields.items():
-        merged[name] = {**base.get(name, {}), **value} if isinstance(value, dict) else value
-    defaults = ModelConfig()
-    values = {name: type(getattr(defaults, name))(**value) if isinstance(value, dict) else value
-              for name, value in merged.items()}
-    return ModelConfig(**values).validate()
-
-
 def training_batches(language: MarkovCopyLanguage, seed: int, batch_size: int, seq_len: int):
     """Endless batches of ``seq_len`` inputs; batch ``i`` draws from ``default_rng([seed, TRAIN_STREAM, i])``."""
     index = 0
@@ -172,7 +152,7 @@ def run_variant(name: str, fields: dict, seed: int, config, language: MarkovCopy
                 evaluation: tuple[np.ndarray, np.ndarray], lengths: list[int]) -> dict:
     """Train one variant at ``train.seq_len`` from ``seed``, then score it at every evaluation length."""
     train = config.train
-    model = DecoderLM(model_config(config.model.to_dict(), fields), rngs=nnx.Rngs(seed))
+    model = DecoderLM(model_config_with(config.model.to_dict(), fields), rngs=nnx.Rngs(seed))
     warmup_steps = min(train.warmup_steps, train.steps // 2)  # a short --steps override keeps a valid schedule
     optimizer = OptimizerConfig(learning_rate=train.learning_rate, warmup_steps=warmup_steps,
                                 weight_decay=train.weight_decay)
@@ -248,7 +228,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (0: the preset's)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the config's variants")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.preset)
+    config = preset_config(args.config, args.preset)
     if args.steps:
         config.train.steps = args.steps
     if args.seeds:

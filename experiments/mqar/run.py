@@ -17,23 +17,23 @@ per-level scales ``[H, levels]``. The linear model gets the SwiGLU hidden width 
 unit per layer) that brings its count closest to the log-linear one; both counts are reported.
 
 All models of one width and seed see the same batches and start from the same seed. The seeds train
-together (``seeds.py``: parameters stacked, one vmapped AdamW step, many steps per jitted call), so each
+together (``jaxlm.train.seeds``: parameters stacked, one vmapped AdamW step, many steps per jitted call), so each
 (mixer, width) compiles once. Writes the JSON results to ``--output`` and a plot next to it (same name, .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
+from jaxlm.experiment import preset_config
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import GatedDeltaNetOptions, Mamba2Options
+from jaxlm.train import seeds as seed_batching
 from jaxlm.tasks import EVAL_STREAM, TRAIN_STREAM, TaskSource
 from jaxlm.tasks.mqar import MQARTask
 
@@ -41,24 +41,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "mqar.py"
 EVAL_SEED = 12345  # the held-out set is one draw of the evaluation stream, shared by every seed and model
-
-
-def load_module(path: pathlib.Path, name: str):
-    """Import a Python file by path (registered in ``sys.modules`` so its dataclasses resolve)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-seeds_lib = load_module(HERE / "seeds.py", "experiment_seeds")
-
-
-def load_config(preset: str, path: str | pathlib.Path = DEFAULT_CONFIG):
-    """``get_config(preset)`` of a config file."""
-    return load_module(pathlib.Path(path), f"mqar_config_{pathlib.Path(path).stem}").get_config(preset)
 
 
 def mqar_task(task_config, num_pairs: int) -> MQARTask:
@@ -156,7 +138,7 @@ def matched_configs(config, linear: str, loglinear: str, width: int, vocab_size:
     """
     base_mlp = config.model.mlp_ratio * width
     loglinear_config = model_config(config, loglinear, width, base_mlp, vocab_size)
-    extra = seeds_lib.parameter_count(loglinear_config) - seeds_lib.parameter_count(
+    extra = seed_batching.parameter_count(loglinear_config) - seed_batching.parameter_count(
         model_config(config, linear, width, base_mlp, vocab_size))
     linear_mlp = base_mlp + round(extra / (3 * width * config.model.num_layers))
     return {linear: model_config(config, linear, width, linear_mlp, vocab_size), loglinear: loglinear_config}
@@ -165,17 +147,17 @@ def matched_configs(config, linear: str, loglinear: str, width: int, vocab_size:
 def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], train_sets, held_out) -> dict:
     """Train ``model_cfg`` for every seed at once; held-out recall per pair count after every call."""
     train = config.train
-    chunk_steps = seeds_lib.steps_per_call(train.steps, train.steps_per_call)
+    chunk_steps = seed_batching.steps_per_call(train.steps, train.steps_per_call)
     start = time.perf_counter()
-    model = seeds_lib.build_seed_models(model_cfg, seeds)
-    trainer = seeds_lib.make_trainer(model, train)
+    model = seed_batching.build_seed_models(model_cfg, seeds)
+    trainer = seed_batching.make_trainer(model, train)
     eval_ids, eval_mask, eval_pairs = held_out
     eval_tokens = eval_ids[:, :-1].reshape(-1, config.task.eval_batch_size, config.task.seq_len)  # [E, Be, T]
     chunks = batch_chunks(train_sets, train.steps, chunk_steps, train.batch_size, seeds)
-    losses, predictions = seeds_lib.train_seeds(model, trainer, chunks, eval_tokens)
+    losses, predictions = seed_batching.train_seeds(model, trainer, chunks, eval_tokens)
     curve = []
     for call, prediction in enumerate(predictions):
-        prediction = seeds_lib.predictions_by_seed(prediction)  # [S, N, T]
+        prediction = seed_batching.predictions_by_seed(prediction)  # [S, N, T]
         accuracy = recall_accuracy(prediction, eval_ids, eval_mask, eval_pairs, config.task.eval_pairs)  # [S, P]
         curve.append({"step": (call + 1) * chunk_steps, "accuracy": accuracy.tolist()})
     final = np.array(curve[-1]["accuracy"])  # [S, P]
@@ -233,12 +215,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default="", help="results JSON path (the plot goes next to it, .png)")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds (0: the preset's)")
-    parser.add_argument("--seed-batching", default="", choices=("", *seeds_lib.SEED_BATCHING),
+    parser.add_argument("--seed-batching", default="", choices=("", *seed_batching.SEED_BATCHING),
                         help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
     parser.add_argument("--only", nargs="+", default=(), metavar="MIXER",
                         help="run only the pairs whose linear mixer is named (e.g. mamba2); default: every pair")
     args = parser.parse_args(argv)
-    config = load_config(args.preset, args.config)
+    config = preset_config(args.config, args.preset)
     if args.only:
         known = [linear for linear, _ in config.mixer_pairs]
         if not set(args.only) <= set(known):

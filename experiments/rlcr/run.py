@@ -21,7 +21,6 @@ accuracy of majority / confidence-weighted / max-confidence voting as N grows. W
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import metrics, rewards, voting
+from jaxlm.experiment import preset_config
 from jaxlm.generate import generate
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.decoder import DecoderLM
@@ -47,14 +47,6 @@ DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "rlcr_arithmetic.py"
 METHODS = ("rlvr", "rlcr", "rlvr_classifier")
 SPLITS = {"in_domain": "train", "out_of_domain": "ood"}
 TOKENIZER = arithmetic.ArithmeticTokenizer()
-
-
-def load_config(path: str | pathlib.Path, preset: str):
-    """``get_config(preset)`` of a config file."""
-    spec = importlib.util.spec_from_file_location("rlcr_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def problem_stream(seed: int, split: str = "train"):
@@ -291,7 +283,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="same as --preset smoke")
     parser.add_argument("--output_dir", default="runs/rlcr")
     args = parser.parse_args(argv)
-    config = load_config(args.config, "smoke" if args.smoke else args.preset)
+    config = preset_config(args.config, "smoke" if args.smoke else args.preset)
     results = run(config, pathlib.Path(args.output_dir))
     print(results_table(results))
     print(f"in-domain best possible accuracy {results['in_domain']['best_possible_accuracy']:.3f}, "

@@ -14,23 +14,23 @@ one fixed draw shared by every seed and model. Reported per (mixer, layers), mea
   position; tracked length = the number of leading positions with ``acc_t ≥ 0.9``.
 
 Chance is 1/60 per position, except position 1 whose product is its input. The seeds of one (mixer, layers)
-train in one compiled program (``experiments/mqar/seeds.py``), layers under ``scan_layers``. Writes the JSON
+train in one compiled program (``jaxlm.train.seeds``), layers under ``scan_layers``. Writes the JSON
 results to ``--output`` and a plot next to it (same name, .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
+from jaxlm.experiment import preset_config
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import PaTHOptions
+from jaxlm.train import seeds as seed_batching
 from jaxlm.tasks.permutation import PermutationTask
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -38,24 +38,6 @@ ROOT = HERE.parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "state_tracking.py"
 EVAL_SEED = 12345  # the held-out words: one draw, shared by every seed and model
 TRACKED_ACCURACY = 0.9  # a position counts as tracked when its accuracy reaches this
-
-
-def load_module(path: pathlib.Path, name: str):
-    """Import a Python file by path (registered in ``sys.modules`` so its dataclasses resolve)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-seeds_lib = load_module(ROOT / "experiments" / "mqar" / "seeds.py", "experiment_seeds")
-
-
-def load_config(preset: str, path: str | pathlib.Path = DEFAULT_CONFIG):
-    """``get_config(preset)`` of a config file."""
-    return load_module(pathlib.Path(path), f"state_tracking_config_{pathlib.Path(path).stem}").get_config(preset)
 
 
 def batch_chunks(task: PermutationTask, steps: int, chunk_steps: int, batch_size: int, seeds: list[int]):
@@ -100,21 +82,21 @@ def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], task: P
                        held_out: tuple[np.ndarray, np.ndarray]) -> dict:
     """Train ``model_cfg`` for every seed; held-out tracking accuracy after every call."""
     train = config.train
-    chunk_steps = seeds_lib.steps_per_call(train.steps, train.steps_per_call)
+    chunk_steps = seed_batching.steps_per_call(train.steps, train.steps_per_call)
     start = time.perf_counter()
-    model = seeds_lib.build_seed_models(model_cfg, seeds)
-    trainer = seeds_lib.make_trainer(model, train)
+    model = seed_batching.build_seed_models(model_cfg, seeds)
+    trainer = seed_batching.make_trainer(model, train)
     eval_words, eval_products = held_out
     eval_tokens = eval_words.reshape(-1, config.task.eval_batch_size, config.task.seq_len)  # [E, Be, T]
-    losses, predictions = seeds_lib.train_seeds(
+    losses, predictions = seed_batching.train_seeds(
         model, trainer, batch_chunks(task, train.steps, chunk_steps, train.batch_size, seeds), eval_tokens)
     curve = []
     for call, prediction in enumerate(predictions):
-        prediction = seeds_lib.predictions_by_seed(prediction)  # [S, N, T]
+        prediction = seed_batching.predictions_by_seed(prediction)  # [S, N, T]
         accuracy = tracking_accuracy(prediction, eval_products)
         curve.append({"step": (call + 1) * chunk_steps, "token": accuracy["token"].tolist(),
                       "sequence": accuracy["sequence"].tolist()})
-    final = tracking_accuracy(seeds_lib.predictions_by_seed(predictions[-1]), eval_products)
+    final = tracking_accuracy(seed_batching.predictions_by_seed(predictions[-1]), eval_products)
     return {
         "mixer": model_cfg.mixer, "num_layers": model_cfg.num_layers, "num_params": model.num_params,
         "seeds": seeds, **{name: values.tolist() for name, values in final.items()},
@@ -177,10 +159,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default="", help="results JSON path (the plot goes next to it, .png)")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds (0: the preset's)")
-    parser.add_argument("--seed-batching", default="", choices=("", *seeds_lib.SEED_BATCHING),
+    parser.add_argument("--seed-batching", default="", choices=("", *seed_batching.SEED_BATCHING),
                         help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
     args = parser.parse_args(argv)
-    config = load_config(args.preset, args.config)
+    config = preset_config(args.config, args.preset)
     if args.steps:
         config.train.steps = args.steps
     if args.seeds:

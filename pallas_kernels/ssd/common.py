@@ -1,7 +1,10 @@
 """Pieces shared by the SSD forward and backward kernels: float32-accumulating products, the causal decay
-mask of one chunk, and the launch options (interpret mode, Triton compiler parameters)."""
+mask of one chunk, the launch options (interpret mode, Triton compiler parameters) and the launch of the
+sequential state pass that both directions run."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +86,43 @@ def launch_options(interpret, num_warps: int | None, num_stages: int | None = No
     from jax.experimental.pallas import triton as plgpu
 
     return dict(interpret=False, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+
+
+def sequential_state_pass(kernel_body, keyed: jax.Array, valued: jax.Array, cum: jax.Array, state: jax.Array, *,
+                          chunk: int, key_block: int, value_block: int, num_warps: int | None,
+                          num_stages: int | None, time_major: bool, interpret, name: str
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Launch a pass that walks the chunks of one (batch, head) carrying a ``[key_block, value_block]`` state.
+
+    Grid ``(B, H, K // key_block, V // value_block)``; ``T`` must be whole chunks, ``N = T // chunk``.
+    Operands: ``keyed [B, G, T, K]`` (head h reads group ``h // (H // G)``), ``valued [B, H, T, V]`` (both
+    ``[B, T, X, D]`` with ``time_major=True``), ``cum [B, H, T]`` float32 and the starting ``state [B, H, K, V]``.
+    Results: one state per chunk ``[B, H, N, K, V]`` in ``keyed``'s dtype and the state left at the end of the
+    walk ``[B, H, K, V]`` float32.
+
+    ``kernel_body(keyed_ref, valued_ref, cum_ref, state_ref, states_ref, last_ref, *, chunk, num_chunks)`` sees
+    one program's blocks: ``[T, key_block]``, ``[T, value_block]``, ``[T]``, ``[key_block, value_block]`` in;
+    ``[N, key_block, value_block]``, ``[key_block, value_block]`` out."""
+    batch, length, groups, key_dim = token_dims(keyed, time_major)
+    heads, value_dim = token_dims(valued, time_major)[2:]
+    group_of = heads // groups
+    num_chunks = length // chunk
+    state_block = pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j))
+    return pl.pallas_call(
+        functools.partial(kernel_body, chunk=chunk, num_chunks=num_chunks),
+        grid=(batch, heads, key_dim // key_block, value_dim // value_block),
+        in_specs=[
+            token_spec(time_major, None, length, key_block, lambda b, h, i, j: (b, h // group_of, 0, i)),
+            token_spec(time_major, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
+            pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
+            state_block,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
+            state_block,
+        ],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), keyed.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+        name=name,
+        **launch_options(interpret, num_warps, num_stages),
+    )(keyed, valued, cum, state)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
-                                       head_index, launch_options, token_dims, token_spec)
+                                       head_index, launch_options, sequential_state_pass, token_dims, token_spec)
 
 
 def _chunk_state_grads_kernel(q_ref, dout_ref, cum_ref, dfinal_ref, dstates_ref, dinitial_ref, *, chunk: int,
@@ -82,33 +82,13 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, state_ref, dstat
 
 def chunk_state_grads(q: jax.Array, dout: jax.Array, cum: jax.Array, dfinal: jax.Array, *, chunk: int,
                       value_block: int, key_block: int, num_warps: int | None = None,
-                 num_stages: int | None = None, time_major: bool = False,
+                      num_stages: int | None = None, time_major: bool = False,
                       interpret=None) -> tuple[jax.Array, jax.Array]:
     """Cotangents of the states leaving every chunk ``[B, H, N, K, V]`` in ``q``'s dtype and the initial-state
     gradient ``[B, H, K, V]`` float32. ``time_major``: ``q, dout`` are ``[B, T, X, D]``."""
-    batch, length, groups, key_dim = token_dims(q, time_major)
-    heads, value_dim = token_dims(dout, time_major)[2:]
-    group_of = heads // groups
-    num_chunks = length // chunk
-    kernel = functools.partial(_chunk_state_grads_kernel, chunk=chunk, num_chunks=num_chunks)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, heads, key_dim // key_block, value_dim // value_block),
-        in_specs=[
-            token_spec(time_major, None, length, key_block, lambda b, h, i, j: (b, h // group_of, 0, i)),
-            token_spec(time_major, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
-            pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
-            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
-            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
-        name="ssd_chunk_state_grads",
-        **launch_options(interpret, num_warps, num_stages),
-    )(q, dout, cum, dfinal)
+    return sequential_state_pass(_chunk_state_grads_kernel, q, dout, cum, dfinal, chunk=chunk, key_block=key_block,
+                                 value_block=value_block, num_warps=num_warps, num_stages=num_stages,
+                                 time_major=time_major, interpret=interpret, name="ssd_chunk_state_grads")
 
 
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, cum: jax.Array, states: jax.Array,

@@ -16,14 +16,12 @@ dtype: they are only ever used as matmul operands of that dtype, so nothing is l
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
-                                       launch_options, token_dims, token_spec)
+                                       launch_options, sequential_state_pass, token_dims, token_spec)
 
 
 def _chunk_states_kernel(k_ref, v_ref, cum_ref, initial_ref, states_ref, final_ref, *, chunk: int,
@@ -59,29 +57,9 @@ def chunk_states(k: jax.Array, v: jax.Array, cum: jax.Array, initial: jax.Array,
                  interpret=None) -> tuple[jax.Array, jax.Array]:
     """States entering every chunk ``[B, H, N, K, V]`` in ``k``'s dtype and the final state ``[B, H, K, V]``
     float32. ``time_major``: ``k, v`` are ``[B, T, X, D]`` instead of ``[B, X, T, D]``."""
-    batch, length, groups, key_dim = token_dims(k, time_major)
-    heads, value_dim = token_dims(v, time_major)[2:]
-    group_of = heads // groups
-    num_chunks = length // chunk
-    kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=num_chunks)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, heads, key_dim // key_block, value_dim // value_block),
-        in_specs=[
-            token_spec(time_major, None, length, key_block, lambda b, h, i, j: (b, h // group_of, 0, i)),
-            token_spec(time_major, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
-            pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
-            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
-            pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), k.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
-        name="ssd_chunk_states",
-        **launch_options(interpret, num_warps, num_stages),
-    )(k, v, cum, initial)
+    return sequential_state_pass(_chunk_states_kernel, k, v, cum, initial, chunk=chunk, key_block=key_block,
+                                 value_block=value_block, num_warps=num_warps, num_stages=num_stages,
+                                 time_major=time_major, interpret=interpret, name="ssd_chunk_states")
 
 
 def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, cum: jax.Array, states: jax.Array, *, chunk: int,

@@ -64,7 +64,7 @@ def test_prefix_losses_of_a_long_pass_equal_short_passes():
     """What lets one evaluation pass at 8N give every length: a causal model's loss at position t is the
     same in a pass over the first L tokens and in a pass over the whole sequence."""
     run = load_script()
-    config = run.model_config(dict(vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2,
+    config = run.model_config_with(dict(vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2,
                                    mlp_dim=32, max_seq_len=64), {"mixer": "fox", "path": {"block_size": 8}})
     model = run.DecoderLM(config, rngs=nnx.Rngs(0))
     tokens = np.random.default_rng(2).integers(0, 16, size=(2, 41)).astype(np.int32)

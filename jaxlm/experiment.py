@@ -1,0 +1,46 @@
+"""Helpers shared by the scripts in ``experiments/``: config files by path and model variants.
+
+An experiment keeps its presets in ``configs/experiments/<name>.py`` as ``get_config(preset)`` (an
+ml_collections ConfigDict); its variants are a base model dict plus a few changed fields.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from types import ModuleType
+from typing import Any, Mapping
+
+from jaxlm.models.config import ModelConfig
+
+
+def load_file_module(path: str | pathlib.Path, name: str) -> ModuleType:
+    """Import the Python file at ``path`` as module ``name``, once (registered in ``sys.modules``, so its
+    dataclasses resolve their annotations)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise FileNotFoundError(f"cannot import {path}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def preset_config(path: str | pathlib.Path, preset: str) -> Any:
+    """``get_config(preset)`` of the experiment config file at ``path``."""
+    path = pathlib.Path(path)
+    return load_file_module(path, f"experiment_config_{path.stem}").get_config(preset)
+
+
+def model_config_with(base: Mapping[str, Any], fields: Mapping[str, Any]) -> ModelConfig:
+    """``ModelConfig`` from ``base`` with a variant's ``fields`` on top; a dict value sets fields of that
+    options section (``{"path": {"forget_gate": True}}``), merged over the base's own. Validated."""
+    merged = dict(base)
+    for name, value in fields.items():
+        merged[name] = {**base.get(name, {}), **value} if isinstance(value, dict) else value
+    defaults = ModelConfig()
+    values = {name: type(getattr(defaults, name))(**value) if isinstance(value, dict) else value
+              for name, value in merged.items()}
+    return ModelConfig(**values).validate()
