@@ -6,6 +6,7 @@ ml_collections ConfigDict); its variants are a base model dict plus a few change
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import sys
@@ -44,3 +45,28 @@ def model_config_with(base: Mapping[str, Any], fields: Mapping[str, Any]) -> Mod
     values = {name: type(getattr(defaults, name))(**value) if isinstance(value, dict) else value
               for name, value in merged.items()}
     return ModelConfig(**values).validate()
+
+
+PRESETS = ("gpu", "cpu", "smoke")
+
+
+def experiment_parser(description: str, default_config: str | pathlib.Path, output_help: str) -> argparse.ArgumentParser:
+    """The flags every experiment script shares: ``--preset``, ``--config``, ``--output``, ``--steps`` and
+    ``--seeds`` (0: the preset's); scripts add their own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="gpu", choices=PRESETS)
+    parser.add_argument("--config", default=str(default_config), help="config file with get_config(preset)")
+    parser.add_argument("--output", default="", help=output_help)
+    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per configuration (0: the preset's)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The preset's config with ``--steps`` (``train.steps``) and ``--seeds`` (``seeds``) applied."""
+    config = preset_config(args.config, args.preset)
+    if args.steps:
+        config.train.steps = args.steps
+    if args.seeds:
+        config.seeds = args.seeds
+    return config

@@ -21,7 +21,6 @@ times), ``results.md`` (the table) and ``error_rates.png`` to ``--output``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import tempfile
@@ -32,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.models.config import ModelConfig
-from jaxlm.experiment import model_config_with, preset_config
+from jaxlm.experiment import config_from_args, experiment_parser, model_config_with
 from jaxlm.models.decoder import DecoderLM
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.tasks import EVAL_STREAM, FLIPFLOP_PRESETS, TRAIN_STREAM, FlipFlopTask, TaskSource, flipflop_preset
@@ -177,22 +175,12 @@ def plot(summary: dict, path: pathlib.Path, title: str) -> None:
     plt.close(figure)
 
 
-
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "smoke"))
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--output", default="", help="output folder (default runs/flipflop_<preset>)")
-    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (0: the preset's)")
+    parser = experiment_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, "output folder (default runs/flipflop_<preset>)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the preset's variants")
     parser.add_argument("--loss-on", default="", choices=("",) + LOSS_ON, help="override train.loss_on")
     args = parser.parse_args(argv)
-    config = preset_config(args.config, args.preset)
-    if args.steps:
-        config.train.steps = args.steps
-    if args.seeds:
-        config.seeds = args.seeds
+    config = config_from_args(args)
     if args.loss_on:
         config.train.loss_on = args.loss_on
     if config.train.loss_on not in LOSS_ON:

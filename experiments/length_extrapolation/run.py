@@ -25,7 +25,6 @@ Writes ``results.json``, ``results.md`` (the tables) and ``loss_by_position.png`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -38,8 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxlm.models.config import ModelConfig
-from jaxlm.experiment import model_config_with, preset_config
+from jaxlm.experiment import config_from_args, experiment_parser, model_config_with
 from jaxlm.models.decoder import DecoderLM
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.config import MeshConfig, OptimizerConfig
@@ -220,19 +218,10 @@ def plot(runs: list[dict], variants: list[str], train_length: int, longest: int,
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "smoke"))
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--output", default="", help="output folder (default runs/length_extrapolation_<preset>)")
-    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (0: the preset's)")
+    parser = experiment_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, "output folder (default runs/length_extrapolation_<preset>)")
     parser.add_argument("--variants", default="", help="comma-separated subset of the config's variants")
     args = parser.parse_args(argv)
-    config = preset_config(args.config, args.preset)
-    if args.steps:
-        config.train.steps = args.steps
-    if args.seeds:
-        config.seeds = args.seeds
+    config = config_from_args(args)
     variants = args.variants.split(",") if args.variants else list(config.variants)
     fields = config.variant_fields.to_dict()
     unknown = [name for name in variants if name not in fields]

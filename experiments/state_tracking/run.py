@@ -20,14 +20,13 @@ results to ``--output`` and a plot next to it (same name, .png).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time
 
 import numpy as np
 
-from jaxlm.experiment import preset_config
+from jaxlm.experiment import config_from_args, experiment_parser
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import PaTHOptions
 from jaxlm.train import seeds as seed_batching
@@ -153,20 +152,11 @@ def plot(runs: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "smoke"))
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file with get_config(preset)")
-    parser.add_argument("--output", default="", help="results JSON path (the plot goes next to it, .png)")
-    parser.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
-    parser.add_argument("--seeds", type=int, default=0, help="number of seeds (0: the preset's)")
+    parser = experiment_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, "results JSON path (the plot goes next to it, .png)")
     parser.add_argument("--seed-batching", default="", choices=("", *seed_batching.SEED_BATCHING),
                         help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
     args = parser.parse_args(argv)
-    config = preset_config(args.config, args.preset)
-    if args.steps:
-        config.train.steps = args.steps
-    if args.seeds:
-        config.seeds = args.seeds
+    config = config_from_args(args)
     if args.seed_batching:
         config.train.seed_batching = args.seed_batching
     if (config.task.eval_examples % config.task.eval_batch_size) != 0:

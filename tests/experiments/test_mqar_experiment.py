@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from jaxlm.experiment import preset_config
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "mqar" / "run.py"
 
 
@@ -29,7 +31,7 @@ def smoke(tmp_path_factory):
 
 def test_recall_accuracy_counts_queried_values_per_pair_count():
     run = load_script()
-    task_config = run.preset_config(run.DEFAULT_CONFIG, "smoke").task
+    task_config = preset_config(run.DEFAULT_CONFIG, "smoke").task
     ids, answer_mask, pairs = run.held_out_set(task_config)  # 4 examples each of 1, 2 and 4 pairs
     expected = np.stack([run.mqar_task(task_config, int(p)).answers(row) for row, p in zip(ids, pairs)])  # [N, T+1]
     perfect = np.where(expected[:, 1:] >= 0, expected[:, 1:], 0)  # right wherever a value is queried
@@ -43,7 +45,7 @@ def test_recall_accuracy_counts_queried_values_per_pair_count():
 
 def test_batches_score_exactly_the_queried_values():
     run = load_script()
-    task_config = run.preset_config(run.DEFAULT_CONFIG, "smoke").task
+    task_config = preset_config(run.DEFAULT_CONFIG, "smoke").task
     tasks = [run.mqar_task(task_config, p) for p in task_config.train_pairs]
     train_sets = [run.draw_examples(tasks, seed, 0, 16)[:2] for seed in (0, 1)]
     chunks = list(run.batch_chunks(train_sets, steps=4, chunk_steps=2, batch_size=3, seeds=[0, 1]))
@@ -79,7 +81,7 @@ def test_smoke_run_writes_matched_runs_and_consistent_accuracies(smoke):
 
 def test_bad_pair_count_is_named():
     run = load_script()
-    task_config = run.preset_config(run.DEFAULT_CONFIG, "smoke").task
+    task_config = preset_config(run.DEFAULT_CONFIG, "smoke").task
     task_config.eval_pairs = (5,)  # 4 * 5 tokens do not fit in seq_len + 1 = 17
     with pytest.raises(ValueError, match="task.eval_pairs holds 5"):
         run.check_task(task_config)
