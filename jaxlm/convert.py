@@ -185,3 +185,24 @@ def to_ladder(model: DecoderLM, num_ladder_layers: int) -> DecoderLM:
     state = jax.tree.map(jnp.array, nnx.state(model))  # fresh copies of every array
     nnx.update(converted, state)
     return converted
+
+
+def to_unrolled(model: DecoderLM) -> DecoderLM:
+    """The same function as the scanned ``model`` with its layer stack unrolled: layer ``i`` takes row ``i``
+    of the stacked block parameters (``model.scan_layers`` with a one-mixer pattern); other parameters are
+    copied as they are."""
+    config = model.config
+    require(config.scan_layers, "model.scan_layers", config.scan_layers, "True (the model to unroll is scanned)")
+    require(len(config.mixer_pattern) == 1, "model.layer_pattern", config.layer_pattern,
+            "a single mixer (one stacked block per layer)")
+    unrolled = nnx.eval_shape(lambda: DecoderLM(dataclasses.replace(config, scan_layers=False), rngs=nnx.Rngs(0)))
+    source = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    target = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+    stacked = source.pop("layers")["groups"]["blocks"][0]
+    target["layers"]["blocks"] = {index: jax.tree.map(lambda a, index=index: jnp.array(a[index]), stacked)
+                                  for index in range(config.num_layers)}
+    target.update(jax.tree.map(jnp.array, source))
+    state = nnx.state(unrolled, nnx.Param)
+    nnx.replace_by_pure_dict(state, target)
+    nnx.update(unrolled, state)
+    return unrolled

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlm.convert import llama_from_hf, model_config_from_hf  # noqa: E402
+from jaxlm.convert import llama_from_hf, model_config_from_hf, to_unrolled  # noqa: E402
 from jaxlm.errors import ConfigError  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -137,3 +137,19 @@ def test_to_ladder_rewires_the_last_layers_with_the_same_weights():
         to_ladder(model, 4)
     with pytest.raises(ConfigError, match="residual_mode"):
         to_ladder(converted, 1)
+
+
+def test_to_unrolled_computes_the_scanned_models_function():
+    from flax import nnx
+
+    from jaxlm.models import DecoderLM, ModelConfig
+
+    config = ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, num_kv_heads=1, mlp_dim=32,
+                         max_seq_len=16, scan_layers=True)
+    scanned = DecoderLM(config, rngs=nnx.Rngs(3))
+    unrolled = to_unrolled(scanned)
+    assert not unrolled.config.scan_layers
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, size=(2, 9)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(unrolled(tokens)), np.asarray(scanned(tokens)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        to_unrolled(unrolled)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm.convert import to_unrolled
 from jaxlm.errors import ConfigError
 from jaxlm.generate import generate, greedy_without_cache
 from jaxlm.models import DecoderLM, ModelConfig
@@ -70,21 +71,6 @@ def copy_params(source: DecoderLM, target: DecoderLM) -> None:
     nnx.update(target, nnx.state(source, nnx.Param))
 
 
-def unrolled_copy_of_scanned(scanned: DecoderLM) -> DecoderLM:
-    """An unrolled model with the scanned model's weights (layer i = stack row i; period 1)."""
-    unrolled = DecoderLM(dataclasses.replace(scanned.config, scan_layers=False), rngs=nnx.Rngs(99))
-    source = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
-    target = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
-    stacked = source.pop("layers")["groups"]["blocks"][0]
-    target["layers"]["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], stacked)
-                                  for i in range(scanned.config.num_layers)}
-    target.update(source)
-    state = nnx.state(unrolled, nnx.Param)
-    nnx.replace_by_pure_dict(state, target)
-    nnx.update(unrolled, state)
-    return unrolled
-
-
 @pytest.mark.parametrize("mode,start", [("standard", 0), ("parallel", 0), ("ladder", 0), ("ladder", 1),
                                         ("upper_bound", 0)])
 def test_modes_match_written_out_recurrences(mode, start):
@@ -107,7 +93,7 @@ def test_modes_share_parameters_but_compute_different_functions():
 @pytest.mark.parametrize("mode", ("parallel", "ladder"))
 def test_scan_equals_unrolled(mode):
     scanned = make_model(seed=3, residual_mode=mode, scan_layers=True)
-    unrolled = unrolled_copy_of_scanned(scanned)
+    unrolled = to_unrolled(scanned)
     tokens = random_tokens(3, (2, 7))
     np.testing.assert_allclose(forward(scanned, tokens), forward(unrolled, tokens), rtol=1e-5, atol=1e-5)
 

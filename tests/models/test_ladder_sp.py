@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm.convert import to_unrolled
 from jaxlm.errors import ConfigError
 from jaxlm.models import DecoderLM, ModelConfig, ladder
 from jaxlm.parallel.mesh import make_mesh
@@ -60,21 +61,6 @@ def forward(model, tokens):
     return model(tokens)
 
 
-def unrolled_copy_of_scanned(scanned: DecoderLM) -> DecoderLM:
-    """An unrolled model with the scanned model's weights (layer i = stack row i; pattern period 1)."""
-    unrolled = DecoderLM(dataclasses.replace(scanned.config, scan_layers=False), rngs=nnx.Rngs(99))
-    source = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
-    target = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
-    stacked = source.pop("layers")["groups"]["blocks"][0]
-    target["layers"]["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], stacked)
-                                  for i in range(scanned.config.num_layers)}
-    target.update(source)
-    state = nnx.state(unrolled, nnx.Param)
-    nnx.replace_by_pure_dict(state, target)
-    nnx.update(unrolled, state)
-    return unrolled
-
-
 # ladder from layer 1 runs standard layers too; the decode test reuses its one-device forward.
 @pytest.mark.parametrize("mode,start", [("parallel", 0), ("ladder", 1)])
 def test_sequence_parallel_logits_equal_one_device(mode, start):
@@ -92,7 +78,7 @@ def test_sequence_parallel_logits_equal_one_device(mode, start):
 def test_sequence_parallel_ladder_scan_equals_unrolled():
     """(The scanned stack equals one device in test_sequence_parallel_gradients_equal_one_device.)"""
     scanned = make_model(seed=2, residual_mode="ladder", scan_layers=True, tp_sequence_parallel=True)
-    unrolled = unrolled_copy_of_scanned(scanned)
+    unrolled = to_unrolled(scanned)
     tokens = random_tokens(2, (BATCH, LENGTH))
     with jax.set_mesh(tp_mesh()):
         scanned_logits, unrolled_logits = forward(scanned, tokens), forward(unrolled, tokens)
