@@ -136,8 +136,11 @@ def gpu_topology_devices(count: int):
         return topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}").devices
 
 
-def gpu_check(layers: int, tensor: int) -> bool:
-    """Ladder passes the overlap check at decode and prefill shapes; standard and no-async controls fail."""
+def gpu_check(layers: int, tensor: int, extra_options: dict, dump: str | None) -> bool:
+    """Ladder passes the overlap check at decode and prefill shapes; standard and no-async controls fail.
+
+    ``extra_options`` are added to every case's compiler options; ``dump`` (a folder) receives each case's
+    optimised HLO text."""
     mesh = tensor_mesh(gpu_topology_devices(tensor), tensor)
     config = ModelConfig(vocab_size=32000, d_model=4096, num_layers=layers, num_heads=32, num_kv_heads=8,
                          mlp_dim=14336, max_seq_len=2048, compute_dtype="bfloat16", tp_shard_map=True)
@@ -150,13 +153,17 @@ def gpu_check(layers: int, tensor: int) -> bool:
         for shape_name, (batch, length, cache_length) in shapes.items():
             model_config = dataclasses.replace(config, residual_mode=mode)
             summary, used = None, ""
-            for options in _option_sets(options_name):
+            for options in _option_sets(options_name, extra_options):
                 try:
                     hlo = blocks_hlo(model_config, mesh, batch, length, cache_length, options)
                 except Exception as error:  # an option this XLA build does not know: try the next spelling
                     print(f"  (options {options} rejected: {str(error).splitlines()[0][:120]})")
                     continue
                 summary, used = ladder_hlo.overlap_summary(hlo), options
+                if dump:
+                    os.makedirs(dump, exist_ok=True)
+                    with open(os.path.join(dump, f"{mode}_{options_name}_{shape_name}.hlo.txt"), "w") as file:
+                        file.write(hlo)
                 break
             if summary is None:
                 print(f"{mode:<10} {options_name:<9} {shape_name:<8} could not compile")
@@ -169,12 +176,20 @@ def gpu_check(layers: int, tensor: int) -> bool:
     return ok
 
 
-def _option_sets(name: str):
-    """The compiler-option dicts to try, in order: decode options, plus the no-async switch for the control."""
-    base = ladder.decode_compiler_options("gpu")
+def _option_sets(name: str, extra_options: dict):
+    """The compiler-option dicts to try, in order: decode options (plus ``extra_options``), plus the
+    no-async switch for the control."""
+    base = dict(ladder.decode_compiler_options("gpu"), **extra_options)
     if name == "default":
         return [base]
     return [dict(base, **extra) for extra in SYNC_ALL_REDUCE_OPTIONS]
+
+
+def compiler_options_or_exit(items: list[str], parser: argparse.ArgumentParser) -> dict:
+    try:
+        return ladder.parse_compiler_options(items)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv=None) -> int:
@@ -184,13 +199,19 @@ def main(argv=None) -> int:
     parser.add_argument("--tensor", type=int, default=8)
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="CPU check of the sequence-parallel layout (model.tp_sequence_parallel)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra XLA compiler option for every GPU case (repeatable), e.g. "
+                             "xla_gpu_allow_all_reduce_kernel=false")
+    parser.add_argument("--dump", default=None, help="folder for the optimised HLO text of every GPU case")
     args = parser.parse_args(argv)
+    if (args.option or args.dump) and args.platform != "gpu":
+        parser.error("--option and --dump apply to --platform gpu")
     if args.sequence_parallel and args.platform != "cpu":
         parser.error("--sequence-parallel is a check of the CPU structural test (--platform cpu)")
     if args.platform == "cpu":
         ok = cpu_check(args.layers, args.sequence_parallel)
     else:
-        ok = gpu_check(args.layers, args.tensor)
+        ok = gpu_check(args.layers, args.tensor, compiler_options_or_exit(args.option, parser), args.dump)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -70,6 +70,20 @@ def decode_compiler_options(platform: str | None = None) -> dict[str, Any]:
     return dict(GPU_DECODE_COMPILER_OPTIONS) if platform in ("gpu", "cuda", "rocm") else {}
 
 
+def parse_compiler_options(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` (command-line XLA options) as a ``compiler_options`` dict: ``true``/``false``
+    become booleans, integers ints, anything else stays a string."""
+    options = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"compiler option {item!r}: expected KEY=VALUE, e.g. xla_gpu_allow_all_reduce_kernel=false")
+        lowered = value.lower()
+        is_int = value.lstrip("-").isdigit()
+        options[key] = (lowered == "true") if lowered in ("true", "false") else int(value) if is_int else value
+    return options
+
+
 def layer_residual_modes(config: ModelConfig) -> tuple[str, ...]:
     """The residual mode of every layer: ``config.residual_mode``, except that layers before
     ``config.ladder_start_layer`` of a ladder / upper-bound model are standard (converted models)."""

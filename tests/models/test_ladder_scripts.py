@@ -5,6 +5,8 @@ import math
 import pathlib
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -30,3 +32,15 @@ def test_conversion_experiment_smoke():
     for key in ("original", "zero_shot_ladder", "finetuned_ladder"):
         assert math.isfinite(summary[key]) and abs(summary[key] - math.log(experiment.VOCAB)) < 0.5
     assert summary["zero_shot_ladder"] != summary["original"]  # the conversion changed the function
+
+
+def test_compiler_options_parse_types_and_reject_missing_values():
+    from jaxlm.models import ladder
+
+    options = ladder.parse_compiler_options(["xla_gpu_allow_all_reduce_kernel=false", "threshold=0", "mode=ALLREDUCE",
+                                             "flag=True", "offset=-3"])
+    assert options == {"xla_gpu_allow_all_reduce_kernel": False, "threshold": 0, "mode": "ALLREDUCE", "flag": True,
+                       "offset": -3}
+    for bad in ("no_equals_sign", "=value"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            ladder.parse_compiler_options([bad])
