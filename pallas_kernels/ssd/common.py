@@ -13,10 +13,12 @@ from jax.experimental import pallas as pl
 from pallas_kernels.registry import backend, interpret_mode
 
 
-def contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
-    """``Σ_c a[.., c, ..] b[.., c, ..]`` over ``a_axis``/``b_axis`` with float32 accumulation; float32 operands
-    get full float32 products (``Precision.HIGHEST``: no TF32 on GPU), bf16 operands the bf16 tensor cores."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+def contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision=None) -> jax.Array:
+    """``Σ_c a[.., c, ..] b[.., c, ..]`` over ``a_axis``/``b_axis`` with float32 accumulation; by default float32
+    operands get full float32 products (``Precision.HIGHEST``: no TF32 on GPU), bf16 operands the bf16 tensor
+    cores; ``precision=Precision.DEFAULT`` lets float32 products use TF32."""
+    if precision is None and a.dtype == jnp.float32:
+        precision = jax.lax.Precision.HIGHEST
     return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
 

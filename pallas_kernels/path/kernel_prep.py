@@ -1,0 +1,105 @@
+"""PaTH preprocessing kernel: the per-block terms of the key side, one program per (batch, KV head, block),
+all blocks in parallel (Yang et al. 2025, section 3.2; ``jaxlm.ops.path_blockwise`` gives the same terms in
+XLA and is the reference).
+
+For a block of C tokens with Householder directions ``W [C, D]``, strengths ``β [C]`` and keys ``K [C, D]``:
+
+    𝒯 = (I + strictlower(diag(β) W Wᵀ))⁻¹ diag(β)          (UT transform, [C, C], lower triangular)
+    K̄ = K − A_kᵀ 𝒯ᵀ W,   A_k[s, j] = w_s·k_j for s > j       (keys carried to the block end, [C, D])
+    P = I − Wᵀ 𝒯 W                                           (the block's Householder product, [D, D])
+
+The inverse is assembled from ``S × S`` blocks (``pallas_kernels.triangular``); with ``Y = 𝒯ᵀ W`` (``[C, D]``,
+block rows ``Y_s = Σ_{t≥s} 𝒯_tsᵀ W_t``) the other two are ``K̄_j = K_j − Σ_{s≥j} A_k,sjᵀ Y_s`` and
+``P = I − Σ_s Y_sᵀ W_s``. The triangular system (Gram blocks and inverse) is full float32; the products
+after it are full float32 for float32 inputs and TF32 for bf16 ones (as in ``kernel_fwd``).
+
+Inputs time-major and padded to whole blocks (``β = 0`` on the padding, so padded tokens are identities):
+``k, w [B, T', G, D]``, ``beta [B, T', G]`` float32. Outputs in ``kernel_fwd``'s layout: ``𝒯 [B, G, N·C, C]``
+float32, ``K̄ [B, G, T', D]`` in ``carried_dtype``, ``P [B, G, N·D, D]`` float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.ssd.common import contract, dot_transposed_rhs, launch_options
+from pallas_kernels.triangular import blocked_unit_lower_inverse, identity_matrix, strictly_lower_mask
+
+
+def _preprocess_kernel(k_ref, w_ref, beta_ref, transform_ref, carried_ref, products_ref, *, block: int,
+                       sub_block: int, precision):
+    """One block: 𝒯 from its inverse's sub-blocks, then ``Y = 𝒯ᵀ W``, ``K̄`` and ``P`` (module docstring)."""
+    count = block // sub_block
+    rows = [pl.ds(i * sub_block, sub_block) for i in range(count)]
+    directions = [w_ref[r, :].astype(jnp.float32) for r in rows]  # W_i  [S, D] each
+    keys = [k_ref[r, :].astype(jnp.float32) for r in rows]  # K_i  [S, D] each
+    betas = [beta_ref[r].astype(jnp.float32) for r in rows]  # β_i  [S] each
+    lower = strictly_lower_mask(sub_block)
+
+    def coupling(i, m):
+        """``L_im = diag(β_i) W_i W_mᵀ`` (strictly lower on the diagonal)  [S, S]."""
+        gram = betas[i][:, None] * dot_transposed_rhs(directions[i], directions[m])
+        return jnp.where(lower, gram, 0.0) if i == m else gram
+
+    inverse = blocked_unit_lower_inverse(coupling, count)
+    transform = {(i, j): inverse[i, j] * betas[j][None, :] for (i, j) in inverse}  # 𝒯_ij = X_ij diag(β_j)
+    for i in range(count):
+        for j in range(count):
+            value = transform[i, j] if j <= i else jnp.zeros((sub_block, sub_block), jnp.float32)
+            transform_ref[rows[i], rows[j]] = value
+
+    def product(a, b, a_axis, b_axis):
+        return contract(a, b, a_axis, b_axis, precision)
+
+    carried_rows = [sum(product(transform[t, s], directions[t], 0, 0) for t in range(s, count))
+                    for s in range(count)]  # Y_s = Σ_{t≥s} 𝒯_tsᵀ W_t  [S, D]
+    for j in range(count):
+        moved = keys[j]  # K̄_j = K_j − Σ_{s≥j} A_k,sjᵀ Y_s  [S, D]
+        for s in range(j, count):
+            mixing = product(directions[s], keys[j], 1, 1)  # A_k,sj = W_s K_jᵀ  [S, S]
+            if s == j:
+                mixing = jnp.where(lower, mixing, 0.0)
+            moved = moved - product(mixing, carried_rows[s], 0, 0)
+        carried_ref[rows[j], :] = moved.astype(carried_ref.dtype)
+    dim = products_ref.shape[0]
+    householder = identity_matrix(dim) - sum(product(carried_rows[s], directions[s], 0, 0)
+                                             for s in range(count))  # P = I − Σ_s Y_sᵀ W_s  [D, D]
+    products_ref[...] = householder
+
+
+def path_preprocess(k: jax.Array, w: jax.Array, beta: jax.Array, *, block: int, sub_block: int = 16,
+                    carried_dtype=None, num_warps: int | None = None, interpret=None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(𝒯 [B, G, N·C, C] float32, K̄ [B, G, T', D], P [B, G, N·D, D] float32)`` (module docstring) from
+    time-major ``k, w [B, T', G, D]`` and ``beta [B, T', G]`` with ``T'`` whole blocks of ``block`` tokens.
+
+    ``sub_block`` (a power of two ≥ 16 dividing ``block``) is the size of the inverse's blocks;
+    ``carried_dtype`` (default: k's dtype) the dtype of ``K̄``."""
+    batch, length, groups, dim = k.shape
+    if length % block or block % sub_block or sub_block < 16 or sub_block & (sub_block - 1):
+        raise ValueError(f"path_preprocess: length {length} must be whole blocks of {block}, and sub_block "
+                         f"{sub_block} a power of two >= 16 dividing the block")
+    num_blocks = length // block
+    carried_dtype = k.dtype if carried_dtype is None else carried_dtype
+    precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    kernel = functools.partial(_preprocess_kernel, block=block, sub_block=sub_block, precision=precision)
+    token_block = pl.BlockSpec((None, block, None, dim), lambda b, g, n: (b, n, g, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, groups, num_blocks),
+        in_specs=[token_block, token_block, pl.BlockSpec((None, block, None), lambda b, g, n: (b, n, g))],
+        out_specs=[
+            pl.BlockSpec((None, None, block, block), lambda b, g, n: (b, g, n, 0)),
+            pl.BlockSpec((None, None, block, dim), lambda b, g, n: (b, g, n, 0)),
+            pl.BlockSpec((None, None, dim, dim), lambda b, g, n: (b, g, n, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((batch, groups, num_blocks * block, block), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, groups, length, dim), carried_dtype),
+                   jax.ShapeDtypeStruct((batch, groups, num_blocks * dim, dim), jnp.float32)],
+        name="path_preprocess",
+        **launch_options(interpret, num_warps),
+    )(k, w, beta.astype(jnp.float32))

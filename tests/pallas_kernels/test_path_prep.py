@@ -1,0 +1,69 @@
+"""PaTH preprocessing kernel (interpret mode on CPU) against the XLA block terms of
+``jaxlm.ops.path_blockwise`` evaluated in float64: UT transform, keys carried to the block end, block products."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import enable_x64
+
+from jaxlm.ops.path_blockwise import block_products, keys_to_block_end, to_blocks, ut_transform
+from pallas_kernels.path.kernel_prep import path_preprocess
+
+
+def random_block_inputs(seed, batch, length, groups, dim):
+    """k, unit w ``[B, T, G, D]``, β ``[B, T, G]`` in (0, 2) with every fourth token near 2."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(batch, length, groups, dim))
+    w = rng.normal(size=(batch, length, groups, dim))
+    w /= np.linalg.norm(w, axis=-1, keepdims=True)
+    beta = rng.uniform(0.05, 2.0, size=(batch, length, groups))
+    beta[:, ::4] = 1.999
+    return k, w, beta
+
+
+def float64_terms(k, w, beta, block):
+    """(𝒯, K̄, P) in the kernel's layout, from the XLA block terms in float64."""
+    with enable_x64():
+        kb, wb = (to_blocks(jnp.asarray(x, jnp.float64), block) for x in (k, w))  # [B, N, C, G, D]
+        transform = ut_transform(wb, to_blocks(jnp.asarray(beta, jnp.float64), block))  # [B, N, G, C, C]
+        carried = keys_to_block_end(kb, wb, transform)  # [B, N, C, G, D]
+        products = block_products(wb, transform)  # [B, N, G, D, D]
+        batch, num_blocks, _, groups, dim = kb.shape
+        return (np.asarray(jnp.moveaxis(transform, 2, 1).reshape(batch, groups, num_blocks * block, block)),
+                np.asarray(jnp.moveaxis(carried, 3, 1).reshape(batch, groups, num_blocks * block, dim)),
+                np.asarray(jnp.moveaxis(products, 2, 1).reshape(batch, groups, num_blocks * dim, dim)))
+
+
+def padded(x, block):
+    return to_blocks(x, block).reshape(x.shape[0], -1, *x.shape[2:])
+
+
+@pytest.mark.parametrize("batch, length, groups, block, sub_block", [(2, 40, 2, 32, 16), (1, 50, 1, 64, 16)])
+def test_preprocess_matches_float64_block_terms(batch, length, groups, block, sub_block):
+    k, w, beta = random_block_inputs(length, batch, length, groups, 16)
+    expected = float64_terms(k, w, beta, block)
+    actual = path_preprocess(padded(jnp.asarray(k, jnp.float32), block), padded(jnp.asarray(w, jnp.float32), block),
+                             padded(jnp.asarray(beta, jnp.float32), block), block=block, sub_block=sub_block)
+    for name, got, want in zip(("transform", "carried keys", "products"), actual, expected):
+        scale = np.max(np.abs(want))
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5 * scale, rtol=0, err_msg=name)
+
+
+def test_preprocess_bf16_inputs_within_bf16_tolerance():
+    k, w, beta = random_block_inputs(7, 1, 32, 1, 32)
+    expected = float64_terms(np.asarray(jnp.asarray(k, jnp.bfloat16), np.float64),
+                             np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64), beta, 32)
+    actual = path_preprocess(jnp.asarray(k, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), jnp.asarray(beta, jnp.float32),
+                             block=32)
+    assert actual[1].dtype == jnp.bfloat16 and actual[0].dtype == actual[2].dtype == jnp.float32
+    for got, want in zip(actual, expected):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-2 * np.max(np.abs(want)), rtol=0)
+
+
+def test_preprocess_rejects_partial_blocks_and_bad_sub_blocks():
+    x = jnp.zeros((1, 48, 1, 16))
+    with pytest.raises(ValueError, match="whole blocks"):
+        path_preprocess(x, x, jnp.zeros((1, 48, 1)), block=32)
+    with pytest.raises(ValueError, match="sub_block"):
+        path_preprocess(x, x, jnp.zeros((1, 48, 1)), block=48, sub_block=12)
