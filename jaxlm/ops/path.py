@@ -43,7 +43,7 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
       log_f: ``[B, T, H]`` log forget gates (≤ 0) per query head, or None (no gate).
       scale: logit scale, default ``D ** -0.5``.
       impl: ``"naive"``, ``"blockwise"``, ``"auto"`` (= blockwise for now) or ``"pallas"`` (``pallas_kernels.path``:
-        Pallas forward kernel, interpret mode on CPU, XLA linear-memory backward; head dim and block size
+        preprocessing, forward and backward Pallas kernels, interpret mode on CPU; head dim and block size
         powers of two >= 16, float32 or bfloat16 inputs).
       block_size: tokens per block of the blockwise form (any T works: the tail is padded and masked).
       segment_ids: ``[B, T]`` int ids of contiguous packed segments; no attention across segments.

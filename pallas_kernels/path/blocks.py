@@ -5,7 +5,10 @@ UT transform, block products and intra-block logits are per block of this size).
 power-of-two tiles of at least 16, so the head dim and the block are powers of two ≥ 16; TPU tiles are
 multiples of 8 x 128 in their last two dims, which the kernels meet with whole-head-dim and whole-block
 tiles. ``num_warps`` / ``num_stages``: Triton settings (None: Pallas' defaults); head dims of 128 take one
-pipeline stage on GPU, larger ones are refused there (shared memory).
+pipeline stage on GPU, larger ones are refused there (shared memory). ``backward``: ``"kernels"`` (the
+Pallas backward of ``kernel_bwd``) or ``"xla"`` (the linear-memory XLA backward of
+``jaxlm.ops.path_blockwise_vjp``, the reference); ``superblock``: key blocks per super-block of the query-side
+backward's recomputation (None: ``kernel_bwd.default_superblock``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pallas_kernels.registry import UnsupportedShapeError, backend
 
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128, "cpu": 64}
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+BACKWARDS = ("kernels", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,15 +29,24 @@ class PathBlocks:
     block: int
     num_warps: int | None = None  # Triton settings on GPU (None: Pallas' defaults)
     num_stages: int | None = None
+    backward: str = "kernels"
+    superblock: int | None = None
 
 
 def _is_power_of_two_from_16(value: int) -> bool:
     return value >= 16 and not value & (value - 1)
 
 
-def path_blocks(head_dim: int, dtype, block_size: int | None = None) -> PathBlocks:
+def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: str = "kernels",
+                superblock: int | None = None) -> PathBlocks:
     """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
-    is allowed) for shapes and dtypes the kernels do not handle."""
+    is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward`` or a
+    ``superblock`` that is not a positive integer."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"path pallas kernel: backward={backward!r} must be one of {BACKWARDS}")
+    if superblock is not None and not (isinstance(superblock, int) and not isinstance(superblock, bool)
+                                       and superblock > 0):
+        raise ValueError(f"path pallas kernel: superblock={superblock!r} must be a positive integer or None")
     if not _is_power_of_two_from_16(head_dim):
         raise UnsupportedShapeError(f"path pallas kernel: head_dim={head_dim} must be a power of two >= 16 "
                                     "(use impl='blockwise', or impl='auto' to fall back automatically)")
@@ -49,5 +62,5 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None) -> PathBloc
     if backend() == "gpu" and head_dim == 128:
         # Each pipeline stage of the key loop holds a float32 D x D block product (64 KiB at D = 128) next
         # to the key and value tiles: Pallas' default stages asked an H100 for 384 KiB (it has 227 KiB).
-        return PathBlocks(block=block, num_stages=1)
-    return PathBlocks(block=block)
+        return PathBlocks(block=block, num_stages=1, backward=backward, superblock=superblock)
+    return PathBlocks(block=block, backward=backward, superblock=superblock)

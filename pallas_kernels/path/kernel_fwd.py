@@ -37,25 +37,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxlm.ops.path_blockwise import MASKED_LOGIT
 from pallas_kernels.registry import backend, interpret_mode
-
-
-def _contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision=None) -> jax.Array:
-    """``Σ_c a[.., c, ..] b[.., c, ..]`` with float32 accumulation: by default full float32 products for
-    float32 operands (``Precision.HIGHEST``), the bf16 tensor cores for bf16 ones."""
-    if precision is None and a.dtype == jnp.float32:
-        precision = jax.lax.Precision.HIGHEST
-    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
-    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32."""
-    return _contract(a, b, 1, 0, precision)
-
-
-def _dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ bᵀ``: ``[C, D], [C', D] -> [C, C']`` float32."""
-    return _contract(a, b, 1, 1)
+from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs
 
 
 def _own_block_terms(q, k, w, transform, precision):
@@ -65,11 +47,11 @@ def _own_block_terms(q, k, w, transform, precision):
     q, k, w = (x.astype(jnp.float32) for x in (q, k, w))
     rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-    query_mixing = jnp.where(rows >= cols, _contract(q, w, 1, 1, precision), 0.0)  # A_q[i, r] = q_i·w_r  [C, C]
-    key_mixing = jnp.where(rows > cols, _contract(w, k, 1, 1, precision), 0.0)  # A_k[s, j] = w_s·k_j  [C, C]
-    mixed = _dot(query_mixing, transform, precision)  # A_q 𝒯  [C, C]
-    intra = _contract(q, k, 1, 1, precision) - _dot(mixed, key_mixing, precision)  # [C, C]
-    return intra, q - _dot(mixed, w, precision)
+    query_mixing = jnp.where(rows >= cols, contract(q, w, 1, 1, precision), 0.0)  # A_q[i, r] = q_i·w_r  [C, C]
+    key_mixing = jnp.where(rows > cols, contract(w, k, 1, 1, precision), 0.0)  # A_k[s, j] = w_s·k_j  [C, C]
+    mixed = dot(query_mixing, transform, precision)  # A_q 𝒯  [C, C]
+    intra = contract(q, k, 1, 1, precision) - dot(mixed, key_mixing, precision)  # [C, C]
+    return intra, q - dot(mixed, w, precision)
 
 
 def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, precision, with_gate: bool,
@@ -102,7 +84,7 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, 
     probabilities = jnp.exp(logits - running_max[:, None])  # [C, C]
     running_sum = jnp.sum(probabilities, axis=1)  # [C]
     own_values = values_ref[own, :]  # [C, D]
-    accumulator = _dot(probabilities.astype(own_values.dtype), own_values)  # [C, D] float32
+    accumulator = dot(probabilities.astype(own_values.dtype), own_values)  # [C, D] float32
 
     def visit_key_block(step, carry):
         """Key block ``n − 1 − step``: online-softmax update, then ``Q̄ ← Q̄ P_j``."""
@@ -112,14 +94,14 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, 
         keys = keys_ref[keys_rows, :]  # [C, D]
         values = values_ref[keys_rows, :]  # [C, D]
         product = products_ref[pl.ds(key_block * dim, dim), :]  # [D, D] float32
-        raw = _dot_transposed_rhs(queries.astype(keys.dtype), keys)  # [C, C] float32
+        raw = dot_transposed_rhs(queries.astype(keys.dtype), keys)  # [C, C] float32
         logits = gated_logits(raw, keys_rows, None)  # [C, C]
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))  # [C]
         rescale = jnp.exp(running_max - new_max)  # [C]
         probabilities = jnp.exp(logits - new_max[:, None])  # [C, C]
         running_sum = running_sum * rescale + jnp.sum(probabilities, axis=1)
-        accumulator = accumulator * rescale[:, None] + _dot(probabilities.astype(values.dtype), values)
-        queries = _dot(queries, product, precision)  # [C, D] float32
+        accumulator = accumulator * rescale[:, None] + dot(probabilities.astype(values.dtype), values)
+        queries = dot(queries, product, precision)  # [C, D] float32
         return queries, new_max, running_sum, accumulator
 
     carry = (queries, running_max, running_sum, accumulator)

@@ -23,19 +23,19 @@ def contract(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision=Non
                                preferred_element_type=jnp.float32)
 
 
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32."""
-    return contract(a, b, 1, 0)
+def dot(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+    """``a @ b``: ``[M, C], [C, N] -> [M, N]`` float32 (``precision`` as in ``contract``)."""
+    return contract(a, b, 1, 0, precision)
 
 
-def dot_transposed_lhs(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_transposed_lhs(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     """``aᵀ @ b``: ``[C, M], [C, N] -> [M, N]`` float32."""
-    return contract(a, b, 0, 0)
+    return contract(a, b, 0, 0, precision)
 
 
-def dot_transposed_rhs(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_transposed_rhs(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     """``a @ bᵀ``: ``[M, C], [N, C] -> [M, N]`` float32."""
-    return contract(a, b, 1, 1)
+    return contract(a, b, 1, 1, precision)
 
 
 def causal_decay(cum: jax.Array) -> jax.Array:

@@ -1,0 +1,110 @@
+"""PaTH backward on Pallas kernels (FlashAttention-2 style, no T² buffers).
+
+The forward is a function of the per-block terms of ``jaxlm.ops.path_blockwise`` (queries at the block start
+``Q̄``, intra-block logits ``S``, keys at the block end ``K̄``, values ``V``, block products ``P`` and the
+cumulative gates ``G``). With the saved log-sum-exp ``L`` and ``Δ_i = dO_i · O_i`` every logit's cotangent is
+``dℓ_ij = p_ij (dO_i · v_j − Δ_i)`` (``kernel_bwd_common``). The cotangents of the terms are then
+
+- ``dS_n = scale · dℓ_nn`` (own block, causal) and ``dG_i = Σ_j dℓ_ij − Σ_j dℓ_ji``;
+- ``dV_m = Σ_{n≥m} p_nmᵀ dO_n``;
+- ``dK̄_m = scale · Σ_{n>m} dℓ_nmᵀ Q̄_n P_{n−1} … P_{m+1}`` (``kernel_bwd_key``: per key block, left to right);
+- ``dQ̄_n`` and ``dP_j`` from the chain of moved queries (``kernel_bwd_query``: per query block).
+
+They are pulled back to q, k, v, w, β and the forget gate through the per-block precomputation (UT
+transform, carried keys, intra-block terms, gate cumulative sum) by ``jax.vjp`` of
+``jaxlm.ops.path_blockwise.blockwise_terms``: O(T·C·D + T·D²) XLA work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.ops.path_blockwise import BlockwiseTerms, blockwise_terms, segment_blocks, to_blocks
+from pallas_kernels.path.blocks import PathBlocks
+from pallas_kernels.path.kernel_bwd_key import path_backward_keys
+from pallas_kernels.path.kernel_bwd_query import path_backward_queries
+
+
+def default_superblock(num_blocks: int) -> int:
+    """Key blocks per super-block of the query-side recomputation (``kernel_bwd_query``): ``ceil(√N)``
+    balances the moves across super-blocks (≈ (n / S)² / 2 products) against those inside the query block's
+    own super-block (≈ S² / 4)."""
+    return max(1, math.isqrt(num_blocks - 1) + 1) if num_blocks > 1 else 1
+
+
+def head_major(x: jax.Array, block: int) -> jax.Array:
+    """``[B, T, X, D]`` -> ``[B, X, T', D]``, T padded with zeros to whole blocks (``β = 0`` there: H = I)."""
+    return jnp.moveaxis(to_blocks(x, block), 3, 1).reshape(x.shape[0], x.shape[2], -1, x.shape[3])
+
+
+def _grouped_to_head_major(x: jax.Array) -> jax.Array:
+    """``[B, N, C, G, R, D]`` -> ``[B, G·R, N·C, D]``."""
+    batch, num_blocks, block, groups, heads_per_group, dim = x.shape
+    return x.transpose(0, 3, 4, 1, 2, 5).reshape(batch, groups * heads_per_group, num_blocks * block, dim)
+
+
+def _kernel_terms(terms: BlockwiseTerms, kv_dtype):
+    """The terms in the kernels' head-major layout (``kernel_bwd_query.path_backward_queries``)."""
+    batch, num_blocks, block, groups, heads_per_group, dim = terms.queries_at_start.shape
+    heads = groups * heads_per_group
+    queries = _grouped_to_head_major(terms.queries_at_start)  # [B, H, T', D]
+    intra = terms.intra_logits.transpose(0, 2, 3, 1, 4, 5).reshape(batch, heads, num_blocks * block, block)
+
+    def per_kv_head(x):  # [B, N, C, G, D] -> [B, G, T', D]
+        return x.transpose(0, 3, 1, 2, 4).reshape(batch, groups, num_blocks * block, dim).astype(kv_dtype)
+
+    products = terms.products.transpose(0, 2, 1, 3, 4).reshape(batch, groups, num_blocks * dim, dim)
+    gate = terms.cumulative_gate.transpose(0, 2, 3, 1, 4).reshape(batch, heads, num_blocks * block)
+    return queries, intra, per_kv_head(terms.keys_at_end), per_kv_head(terms.values), products, gate
+
+
+def _blockwise_cotangents(d_queries, d_intra, d_gate, d_products, d_keys, d_values, shape) -> BlockwiseTerms:
+    """Kernel-layout cotangents -> ``BlockwiseTerms`` layout (query heads of a KV head summed for K̄, V)."""
+    batch, num_blocks, block, groups, heads_per_group, dim = shape
+
+    def to_grouped(x):  # [B, H, T', D] -> [B, N, C, G, R, D]
+        x = x.reshape(batch, groups, heads_per_group, num_blocks, block, dim)
+        return x.transpose(0, 3, 4, 1, 2, 5)
+
+    intra = d_intra.reshape(batch, groups, heads_per_group, num_blocks, block, block).transpose(0, 3, 1, 2, 4, 5)
+    gate = d_gate.reshape(batch, groups, heads_per_group, num_blocks, block).transpose(0, 3, 1, 2, 4)
+    products = d_products.reshape(batch, groups, num_blocks, dim, dim).transpose(0, 2, 1, 3, 4)
+    keys, values = (to_grouped(x).sum(axis=4) for x in (d_keys, d_values))  # [B, N, C, G, D]
+    return BlockwiseTerms(to_grouped(d_queries), intra, keys, values, products, gate)
+
+
+def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out, superblock: int | None = None):
+    """Exact input cotangents ``(dq, dk, dv, dw, dβ, dlog_f, None)`` of PaTH attention on the backward kernels.
+
+    ``residuals = (q, k, v, w, beta, log_f, segment_ids, out, logsumexp)`` with the forward kernel's float32
+    ``out [B, H, T', D]`` and ``logsumexp [B, H, N, C]``; ``d_out [B, T, H, D]``. ``superblock`` None picks
+    ``default_superblock``.
+    """
+    q, k, v, w, beta, log_f, segment_ids, out, logsumexp = residuals
+    batch, length, heads, dim = q.shape
+    block = blocks.block
+    kv_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    terms, pullback = jax.vjp(functools.partial(blockwise_terms, block_size=block), q, k, v, w, beta, log_f)
+    queries, intra, keys, values, products, gate = _kernel_terms(terms, kv_dtype)
+    num_blocks = products.shape[2] // dim
+    d_out_heads = head_major(d_out, block)  # [B, H, T', D]
+    delta = jnp.sum(d_out_heads.astype(jnp.float32) * out, axis=-1)  # Δ_i = dO_i · O_i  [B, H, T']
+    segments = None
+    if segment_ids is not None:
+        segments = segment_blocks(segment_ids, batch, length, block).reshape(batch, -1)  # [B, T']
+    operands = (queries, intra, keys, values, products, d_out_heads.astype(kv_dtype),
+                logsumexp.reshape(batch, heads, -1), delta, gate if log_f is not None else None, segments)
+    settings = dict(block=block, scale=scale, interpret=interpret, num_warps=blocks.num_warps,
+                    num_stages=blocks.num_stages)
+    superblock = default_superblock(num_blocks) if superblock is None else superblock
+    d_queries, d_intra, d_query_gate, d_products = path_backward_queries(*operands, superblock=superblock,
+                                                                         **settings)
+    d_keys, d_values, d_key_gate = path_backward_keys(*operands, **settings)
+    d_terms = _blockwise_cotangents(d_queries, d_intra, d_query_gate + d_key_gate, d_products, d_keys, d_values,
+                                    terms.queries_at_start.shape)
+    d_terms = jax.tree.map(lambda d, t: d.astype(t.dtype), d_terms, terms)
+    return (*pullback(d_terms), None)

@@ -1,0 +1,204 @@
+"""PaTH backward, query side: one program per (batch, query head, query block n) computes the cotangents of
+its queries at the block start ``Q̄_n``, of its intra-block logits ``S_n`` and of its gates, and adds its share
+of every earlier block product's cotangent ``dP_j`` (``kernel_bwd`` module docstring gives the equations).
+
+Query block n meets key block j < n with its queries moved past the later blocks' products,
+
+    A_j = Q̄_n P_{n−1} … P_{j+1}        (A_{n−1} = Q̄_n, A_{j−1} = A_j P_j),
+
+so the cotangent ``Ē_j`` of ``A_j`` collects the logits of key block j and everything left of it:
+
+    Ē_j = scale · dℓ_j K̄_j + Ē_{j−1} P_jᵀ   (Ē_{−1} = 0),   dP_j += A_jᵀ Ē_{j−1},   dQ̄_n = Ē_{n−1}.
+
+That recursion runs left to right while the moved queries ``A_j`` are built right to left, and the products
+cannot be inverted (β = 1 makes them singular), so the program rebuilds them from products precomputed per
+super-block of S key blocks (``superblock_suffixes``): block j of super-block τ (blocks τS … τS + S − 1) has
+the suffix ``R_j = P_{τS+S−1} … P_{j+1}``, and the super-block the product ``Φ_τ = P_{τS+S−1} … P_{τS}``. With
+``X = Q̄_n P_{n−1} … P_{σS}`` (σ = ⌊n / S⌋, the super-block of n itself),
+
+    A_j = X Φ_{σ−1} … Φ_{τ+1} R_j      for j in a super-block τ < σ,
+    A_j = Q̄_n P_{n−1} … P_{j+1}        for σS ≤ j < n,
+
+which costs about ``n + (n / S)² / 2 + S² / 2`` ``[C, D] x [D, D]`` products per query block and, beyond the
+program's tiles, only the ``R`` and ``Φ`` arrays (``N·D²`` per KV head, like the block products). Different
+query blocks (and the query heads of one KV head) add into the same ``dP_j``: those adds are atomic
+(``pallas.triton.atomic_add``: GPU and interpret mode; a TPU version would need another reduction).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, compiler_params, contract, dot,
+                                                   dot_transposed_rhs, gated_logits, logit_cotangent,
+                                                   resolve_interpret)
+
+
+def _query_kernel(*refs, block: int, dim: int, superblock: int, scale: float, precision, with_gate: bool,
+                  with_segments: bool):
+    """One query block: its own block's logits, then key blocks left to right (module docstring)."""
+    (queries_ref, intra_ref, keys_ref, values_ref, products_ref, suffixes_ref, superblock_products_ref,
+     d_out_ref, logsumexp_ref, delta_ref, *optional, _, d_queries_ref, d_intra_ref, d_gate_ref,
+     d_products_ref) = refs
+    gate_ref = optional.pop(0) if with_gate else None
+    segments_ref = optional.pop(0) if with_segments else None
+    query_block = pl.num_programs(2) - 1 - pl.program_id(2)  # the longest scans start first
+    own = block_rows(query_block, block)
+    d_out, logsumexp, delta = d_out_ref[...], logsumexp_ref[...], delta_ref[...]  # [C, D], [C], [C]
+
+    def cotangent_of_logits(raw, key_rows, visible):
+        """``dℓ [C, C']`` of this query block against the keys in ``key_rows``."""
+        logits = gated_logits(raw, scale, gate_ref[own] if with_gate else None,
+                              gate_ref[key_rows] if with_gate else None,
+                              segments_ref[own] if with_segments else None,
+                              segments_ref[key_rows] if with_segments else None, visible)
+        return logit_cotangent(logits, logsumexp, delta, d_out, values_ref[key_rows, :])[1]
+
+    d_own = cotangent_of_logits(intra_ref[...], own, causal_mask(block))  # [C, C]
+    d_intra_ref[...] = scale * d_own
+
+    def times(matrices_ref, index, queries):
+        """``A ← A M`` for the ``[D, D]`` float32 matrix ``index`` of ``matrices_ref``  [C, D]."""
+        return dot(queries, matrices_ref[block_rows(index, dim), :], precision)
+
+    def visit_key_block(key_block, moved, carry):
+        """With ``moved = A_j``: ``dP_j += A_jᵀ Ē_{j−1}``, then ``Ē_j = scale·dℓ_j K̄_j + Ē_{j−1} P_jᵀ``."""
+        cotangent, d_gate = carry
+        key_rows = block_rows(key_block, block)
+        keys = keys_ref[key_rows, :]  # K̄_j  [C, D]
+        d_logits = cotangent_of_logits(dot_transposed_rhs(moved.astype(keys.dtype), keys), key_rows, None)
+        product_rows = block_rows(key_block, dim)
+        pltriton.atomic_add(d_products_ref, (product_rows, slice(None)),
+                            contract(moved, cotangent, 0, 0, precision))  # [D, D]
+        cotangent = (scale * dot(d_logits.astype(keys.dtype), keys)
+                     + contract(cotangent, products_ref[product_rows, :], 1, 1, precision))  # [C, D]
+        return cotangent, d_gate + jnp.sum(d_logits, axis=1)
+
+    def moved_from_start(key_block):
+        """``Q̄_n P_{n−1} … P_{j+1}`` for ``j = key_block``, product by product."""
+        return jax.lax.fori_loop(0, query_block - 1 - key_block,
+                                 lambda t, a: times(products_ref, query_block - 1 - t, a), queries_ref[...])
+
+    own_superblock = query_block // superblock
+    own_start = own_superblock * superblock
+    before_own = moved_from_start(own_start - 1)  # X = Q̄_n P_{n−1} … P_{σS}  [C, D]
+
+    def visit_superblock(index, carry):
+        """Super-block τ < σ: ``A_top = X Φ_{σ−1} … Φ_{τ+1}``, then ``A_j = A_top R_j`` per block."""
+        top = jax.lax.fori_loop(0, own_superblock - 1 - index,
+                                lambda t, a: times(superblock_products_ref, own_superblock - 1 - t, a),
+                                before_own)  # [C, D]
+
+        def visit(key_block, carry):
+            return visit_key_block(key_block, times(suffixes_ref, key_block, top), carry)
+
+        return jax.lax.fori_loop(index * superblock, (index + 1) * superblock, visit, carry)
+
+    def visit_own_superblock(key_block, carry):
+        return visit_key_block(key_block, moved_from_start(key_block), carry)
+
+    carry = (jnp.zeros((block, dim), jnp.float32), jnp.sum(d_own, axis=1))
+    carry = jax.lax.fori_loop(0, own_superblock, visit_superblock, carry)
+    d_queries, d_gate = jax.lax.fori_loop(own_start, query_block, visit_own_superblock, carry)
+    d_queries_ref[...] = d_queries
+    d_gate_ref[...] = d_gate
+
+
+def superblock_suffixes(products: jax.Array, superblock: int):
+    """Per-block suffixes ``R_j = P_{τS+S−1} … P_{j+1}`` ``[B, G, N'·D, D]`` and super-block products
+    ``Φ_τ = P_{τS+S−1} … P_{τS}`` ``[B, G, (N' / S)·D, D]`` (module docstring), float32, from the block
+    products ``[B, G, N·D, D]``; N' = N rounded up to whole super-blocks (identities past the last block)."""
+    batch, groups, rows, dim = products.shape
+    num_blocks = rows // dim
+    num_superblocks = -(-num_blocks // superblock)
+    padding = jnp.broadcast_to(jnp.eye(dim, dtype=products.dtype),
+                               (batch, groups, num_superblocks * superblock - num_blocks, dim, dim))
+    blocks = jnp.concatenate([products.reshape(batch, groups, num_blocks, dim, dim), padding], axis=2)
+    by_superblock = blocks.reshape(batch, groups, num_superblocks, superblock, dim, dim)
+
+    def prepend(later, product):
+        """``R_j`` is the product of the blocks after j; then ``R_{j−1} = R_j P_j``."""
+        return jnp.matmul(later, product, precision=jax.lax.Precision.HIGHEST), later
+
+    identity = jnp.broadcast_to(jnp.eye(dim, dtype=products.dtype), by_superblock.shape[:3] + (dim, dim))
+    whole, suffixes = jax.lax.scan(prepend, identity, jnp.moveaxis(by_superblock, 3, 0), reverse=True)
+    suffixes = jnp.moveaxis(suffixes, 0, 3)  # [B, G, N'/S, S, D, D]
+    return suffixes.reshape(batch, groups, -1, dim), whole.reshape(batch, groups, -1, dim)
+
+
+def path_backward_queries(queries, intra, keys, values, products, d_out, logsumexp, delta, gate=None,
+                          segments=None, *, block: int, scale: float, superblock: int, interpret=None,
+                          num_warps: int | None = None, num_stages: int | None = None):
+    """Query-side cotangents (module docstring).
+
+    Inputs (``T' = N·C``): ``queries`` Q̄ ``[B, H, T', D]`` float32; ``intra`` S ``[B, H, N·C, C]`` float32;
+    ``keys`` K̄ and ``values`` ``[B, G, T', D]``; ``products`` ``[B, G, N·D, D]`` float32; ``d_out [B, H, T', D]``
+    in the values' dtype; ``logsumexp, delta [B, H, T']`` float32; optional ``gate [B, H, T']`` float32 and
+    ``segments [B, T']`` int32.
+    Returns ``dQ̄ [B, H, T', D]``, ``dS [B, H, N·C, C]``, ``dG [B, H, T']`` (the query side's gate cotangent)
+    and ``dP [B, G, N·D, D]``, all float32.
+    """
+    batch, heads, length, dim = queries.shape
+    groups = keys.shape[1]
+    heads_per_group = heads // groups
+    num_blocks = length // block
+    precision = jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    kernel = functools.partial(_query_kernel, block=block, dim=dim, superblock=superblock, scale=scale,
+                               precision=precision, with_gate=gate is not None, with_segments=segments is not None)
+    suffixes, superblock_products = superblock_suffixes(products, superblock)
+
+    def query_rows(b, h, i):
+        return b, h, num_blocks - 1 - i, 0
+
+    def whole_kv_head(b, h, i):
+        return b, h // heads_per_group, 0, 0
+
+    def query_vector(b, h, i):
+        return b, h, num_blocks - 1 - i
+
+    in_specs = [
+        pl.BlockSpec((None, None, block, dim), query_rows),
+        pl.BlockSpec((None, None, block, block), query_rows),
+        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head),
+        pl.BlockSpec((None, None) + suffixes.shape[2:], whole_kv_head),
+        pl.BlockSpec((None, None) + superblock_products.shape[2:], whole_kv_head),
+        pl.BlockSpec((None, None, block, dim), query_rows),
+        pl.BlockSpec((None, None, block), query_vector),
+        pl.BlockSpec((None, None, block), query_vector),
+    ]
+    optional = [x for x in (gate, segments) if x is not None]
+    if gate is not None:
+        in_specs.append(pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0)))
+    if segments is not None:
+        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    products_spec = pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head)
+    in_specs.append(products_spec)
+    zeros = jnp.zeros(products.shape, jnp.float32)  # the atomically accumulated dP starts here
+    interpret = resolve_interpret(interpret)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, num_blocks),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, block, dim), query_rows),
+            pl.BlockSpec((None, None, block, block), query_rows),
+            pl.BlockSpec((None, None, block), query_vector),
+            products_spec,
+        ],
+        out_shape=[jax.ShapeDtypeStruct(queries.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(intra.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
+                   jax.ShapeDtypeStruct(products.shape, jnp.float32)],
+        input_output_aliases={10 + len(optional): 3},
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps, num_stages),
+        name="path_backward_queries",
+    )(queries, intra, keys, values, products, suffixes, superblock_products, d_out, logsumexp, delta, *optional,
+      zeros)
