@@ -12,7 +12,9 @@ Shapes: ``q, k: [B, T, G, K]``, ``v: [B, T, H, V]`` (head h reads group ``h // (
 ``log_a, beta: [B, T, H]``, ``lam: [B, T, H, L]`` with ``L >= num_levels(T) = ceil(log2 T) + 1`` (extra
 columns are ignored). Implementations: ``"recurrent"`` (a scan over time carrying the Fenwick level stack
 ``[B, H, L, K, V]`` float32, the readable reference), ``"chunked"`` (``loglinear_chunks``, O(T log T)),
-``"auto"`` (= chunked for now), ``"pallas"`` (not built yet). The decode steps update the level stack.
+``"auto"`` (= chunked for now), ``"pallas"`` (``pallas_kernels.loglinear``, log-linear SSD only: Pallas forward
+kernels with the Fenwick levels fused into one pass over the chunks, interpret mode on CPU; the kernels choose
+their own chunk per backend; no segment ids). The decode steps update the level stack.
 """
 
 from __future__ import annotations
@@ -224,8 +226,7 @@ def _loglinear(name, q, k, v, log_a, beta, lam, impl, chunk_size, segment_ids):
     if impl not in LOGLINEAR_IMPLS:
         raise ValueError(f"{name}: impl={impl!r} is not one of {LOGLINEAR_IMPLS}")
     if impl == "pallas":
-        raise NotImplementedError(f"{name}: impl='pallas' is not available: the Pallas kernel is not built yet "
-                                  "(use 'chunked', 'auto' or 'recurrent')")
+        return _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
             or chunk_size & (chunk_size - 1):
         raise ValueError(f"{name}: chunk_size must be a positive power of two, got {chunk_size!r}")
@@ -237,6 +238,20 @@ def _loglinear(name, q, k, v, log_a, beta, lam, impl, chunk_size, segment_ids):
     else:
         out = chunked_loglinear(q, k, v, log_a, beta, lam, chunk_size, segment_ids)
     return out.astype(v.dtype)
+
+
+def _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids):
+    """``impl="pallas"``: log-linear SSD on ``pallas_kernels.loglinear`` (grouped heads passed as they are)."""
+    if beta is not None:
+        raise NotImplementedError(f"{name}: impl='pallas' is not available: the Pallas kernel is not built yet "
+                                  "for log-linear Gated DeltaNet, only for log-linear SSD (use 'chunked', 'auto' or "
+                                  "'recurrent')")
+    if segment_ids is not None:
+        raise ValueError(f"{name}(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
+                         "impl='chunked' (or 'auto') for packed sequences")
+    from pallas_kernels.loglinear import loglinear_ssd_pallas  # imported here: the XLA impls do not need it
+
+    return loglinear_ssd_pallas(q, k, v, log_a, lam[..., :num_levels(q.shape[1])]).astype(v.dtype)
 
 
 def _check_inputs(name, q, k, v, log_a, beta, lam, segment_ids) -> None:

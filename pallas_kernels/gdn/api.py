@@ -3,12 +3,14 @@ kernels, as a ``jax.custom_vjp``.
 
 Forward: ``kernel_ut`` (UT transform of every chunk, in parallel), then ``kernel_fwd`` (sequential chunk
 states and pseudo-values, then parallel chunk outputs). Backward (``blocks.backward``): ``"kernels"`` runs the
-reverse state-cotangent kernel of ``kernel_bwd`` on the forward's stored states, then the per-chunk gradients
-as the VJP of ``chunk_local`` (XLA, all chunks at once, no scan); ``"reference"`` is the VJP of the XLA chunked
-form recomputed from the inputs. Both are exact (``"kernels"`` reads the entering states as the forward stored
-them: in the inputs' dtype, so bf16 for bf16 inputs); ``"kernels"`` keeps the entering states
-``[B, H, T/C, K, V]``, ``W``, ``K̃`` ``[B, T, H, K]`` and the gates for the backward. Segment ids are not supported
-by the kernels.
+reverse state-cotangent kernel of ``kernel_bwd`` on the forward's stored states, then the per-chunk gradient
+kernel of ``kernel_chunk_bwd`` (all chunks in parallel) and, for grouped heads, sums ``dq, dk`` over each group's
+heads; ``"chunk_vjp"`` takes the per-chunk gradients from the XLA VJP of ``chunk_local`` instead; ``"reference"``
+is the VJP of the XLA chunked form recomputed from the inputs. All are exact (the kernel backwards read the
+entering states, pseudo-values and leaving-state cotangents in the inputs' dtype, so bf16 for bf16 inputs).
+``"kernels"`` keeps the entering states ``[B, H, T/C, K, V]``, the pseudo-values ``U`` ``[B, T, H, V]``, ``W``,
+``K̃`` ``[B, T, H, K]``, the UT inverses ``X`` ``[B, T, H, C]`` float32 and the gates for the backward. Segment
+ids are not supported by the kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.gdn.blocks import BACKWARDS, GDNBlocks, gdn_blocks
 from pallas_kernels.gdn.chunk_local import chunk_local_outputs
+from pallas_kernels.gdn.float32_dots import FLOAT32_DOTS
 from pallas_kernels.gdn.kernel_bwd import state_cotangents
+from pallas_kernels.gdn.kernel_chunk_bwd import chunk_grads
 from pallas_kernels.gdn.kernel_fwd import chunk_outputs, chunk_states
 from pallas_kernels.gdn.kernel_ut import ut_transform
 from pallas_kernels.registry import UnsupportedShapeError
@@ -40,11 +44,15 @@ def gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax
     """
     default = gdn_blocks(q.shape[-1], v.shape[-1], chunk_size if blocks is None else blocks.chunk)
     blocks = default if blocks is None else blocks
-    for name in ("state_value_block", "output_value_block"):
-        size = getattr(blocks, name)
+    for name in ("state_value_block", "output_value_block", "grad_value_block"):
+        size = getattr(blocks, name) or v.shape[-1]
         if size < 16 or v.shape[-1] % size:
             raise UnsupportedShapeError(f"gated_delta_rule pallas kernel: {name}={size} must be >= 16 and divide "
                                         f"value_dim={v.shape[-1]}")
+    for name in ("transform_float32_dots", "grad_float32_dots"):
+        if getattr(blocks, name) not in FLOAT32_DOTS:
+            raise ValueError(f"gated_delta_rule pallas kernel: {name}={getattr(blocks, name)!r} must be one of "
+                             f"{FLOAT32_DOTS}")
     if blocks.backward not in BACKWARDS:
         raise ValueError(f"gated_delta_rule pallas kernel: backward={blocks.backward!r} must be one of {BACKWARDS}")
     return _gdn(q, k, v, log_a, beta, initial_state.astype(jnp.float32), blocks)
@@ -52,7 +60,7 @@ def gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _gdn(q, k, v, log_a, beta, initial_state, blocks):
-    return _gdn_forward(q, k, v, log_a, beta, initial_state, blocks)[0]
+    return _gdn_forward(q, k, v, log_a, beta, initial_state, blocks, store_inverse=False)[0]
 
 
 def _within_chunk_gates(log_a: jax.Array, chunk: int, padding: int) -> jax.Array:
@@ -62,28 +70,31 @@ def _within_chunk_gates(log_a: jax.Array, chunk: int, padding: int) -> jax.Array
     return jnp.cumsum(log_a.reshape(batch, padded // chunk, chunk, heads), axis=2).reshape(batch, padded, heads)
 
 
-def _gdn_forward(q, k, v, log_a, beta, initial_state, blocks):
+def _gdn_forward(q, k, v, log_a, beta, initial_state, blocks, *, store_inverse: bool):
     """Pad T to whole chunks (``log_a = 0``, ``β = 0``, zero q/k/v leave the state unchanged), run the kernels.
 
-    Returns ((``o``, final state), (entering states, ``W``, ``K̃``, ``g``): what the backward kernels reuse).
+    Returns ((``o``, final state), what the backward kernels reuse: entering states, ``W``, ``K̃``, ``g``, the
+    pseudo-values ``U`` and, with ``store_inverse``, the UT inverses ``X``).
     """
     length, chunk = q.shape[1], blocks.chunk
     padding = -length % chunk
     q, k, v = (pad_time(x, padding) for x in (q, k, v))  # [B, T', G|H, D]
     beta = pad_time(beta.astype(jnp.float32), padding)  # [B, T', H]
     cum = _within_chunk_gates(log_a, chunk, padding)  # [B, T', H]
-    w, u0, decayed_keys = ut_transform(k, v, beta, cum, chunk=chunk, sub_block=blocks.sub_block,
-                                       num_warps=blocks.transform_warps)  # [B, T', H, K|V|K]
+    w, u0, decayed_keys, *inverse = ut_transform(
+        k, v, beta, cum, chunk=chunk, sub_block=blocks.sub_block, num_warps=blocks.transform_warps,
+        store_inverse=store_inverse, float32_dots=blocks.transform_float32_dots)  # [B, T', H, K|V|K], [X [B, T', H, C]]
     states, pseudo, final_state = chunk_states(w, u0, decayed_keys, cum, initial_state, chunk=chunk,
                                                value_block=blocks.state_value_block, state_dtype=q.dtype,
                                                num_warps=blocks.state_warps, num_stages=blocks.state_stages)
     out = chunk_outputs(q, k, pseudo, cum, states, chunk=chunk, value_block=blocks.output_value_block,
                         num_warps=blocks.output_warps)  # [B, T', H, V]
-    return (out[:, :length], final_state), (states, w, decayed_keys, cum)
+    return (out[:, :length], final_state), (states, w, decayed_keys, cum, pseudo, *inverse)
 
 
 def _gdn_fwd_rule(q, k, v, log_a, beta, initial_state, blocks):
-    outputs, kernel_residuals = _gdn_forward(q, k, v, log_a, beta, initial_state, blocks)
+    outputs, kernel_residuals = _gdn_forward(q, k, v, log_a, beta, initial_state, blocks,
+                                             store_inverse=blocks.backward == "kernels")
     if blocks.backward == "reference":
         kernel_residuals = None
     return outputs, ((q, k, v, log_a, beta, initial_state), kernel_residuals)
@@ -93,23 +104,53 @@ def _gdn_bwd_rule(blocks, residuals, cotangents):
     inputs, kernel_residuals = residuals
     if blocks.backward == "reference":
         return _reference_backward(blocks, inputs, cotangents)
-    return _kernel_backward(blocks, inputs, kernel_residuals, cotangents)
+    d_leaving, d_initial = _leaving_state_cotangents(blocks, inputs, kernel_residuals, cotangents)
+    per_chunk = _chunk_kernel_backward if blocks.backward == "kernels" else _chunk_vjp_backward
+    return (*per_chunk(blocks, inputs, kernel_residuals, cotangents[0], d_leaving),
+            d_initial.astype(inputs[5].dtype))
 
 
-def _kernel_backward(blocks, inputs, kernel_residuals, cotangents):
-    """Reverse state-cotangent kernel, then the per-chunk gradients as the VJP of ``chunk_local_outputs``."""
-    q, k, v, log_a, beta, initial_state = inputs
-    states, w, decayed_keys, cum = kernel_residuals
+def _leaving_state_cotangents(blocks, inputs, kernel_residuals, cotangents):
+    """The reverse state-cotangent kernel: (``dS`` leaving every chunk ``[B, H, N, K, V]`` in q's dtype,
+    ``dS_0 [B, H, K, V]`` float32)."""
+    q, k = inputs[:2]
+    _, w, decayed_keys, cum = kernel_residuals[:4]
     d_out, d_final = cotangents
+    padding = -q.shape[1] % blocks.chunk
+    return state_cotangents(
+        pad_time(q, padding), pad_time(k, padding), cum, w, decayed_keys, pad_time(d_out, padding),
+        d_final.astype(jnp.float32), chunk=blocks.chunk, value_block=blocks.state_value_block,
+        num_warps=blocks.state_warps, num_stages=blocks.state_stages, cotangent_dtype=q.dtype)
+
+
+def _chunk_kernel_backward(blocks, inputs, kernel_residuals, d_out, d_leaving):
+    """``(dq, dk, dv, d log_a, dβ)`` from the per-chunk gradient kernel; ``dq, dk`` summed over each group."""
+    q, k, v, log_a, beta, _ = inputs
+    states, _, _, cum, pseudo, inverse = kernel_residuals
     length, chunk = q.shape[1], blocks.chunk
     padding = -length % chunk
-    d_leaving, d_initial = state_cotangents(
-        pad_time(q, padding), pad_time(k, padding), cum, w, decayed_keys, pad_time(d_out, padding),
-        d_final.astype(jnp.float32), chunk=chunk, value_block=blocks.state_value_block,
-        num_warps=blocks.state_warps, num_stages=blocks.state_stages)  # [B, H, N, K, V], [B, H, K, V]
-    per_chunk = functools.partial(chunk_local_outputs, chunk=chunk)
-    _, vjp = jax.vjp(lambda *x: per_chunk(*x, states), q, k, v, log_a, beta)
-    return (*vjp((d_out.astype(jnp.float32), d_leaving)), d_initial.astype(initial_state.dtype))
+    dq, dk, dv, d_beta, d_log_a = chunk_grads(
+        pad_time(q, padding), pad_time(k, padding), pad_time(v, padding), pseudo, pad_time(d_out, padding),
+        pad_time(beta.astype(jnp.float32), padding), cum, inverse, states, d_leaving, chunk=chunk,
+        value_block=blocks.grad_value_block or v.shape[-1], float32_dots=blocks.grad_float32_dots,
+        num_warps=blocks.grad_warps)
+    dq, dk = (_sum_over_group(x[:, :length], q.shape[2]).astype(q.dtype) for x in (dq, dk))  # [B, T, G, K]
+    return (dq, dk, dv[:, :length], d_log_a[:, :length].astype(log_a.dtype), d_beta[:, :length].astype(beta.dtype))
+
+
+def _sum_over_group(per_head: jax.Array, groups: int) -> jax.Array:
+    """``[B, T, H, K] -> [B, T, G, K]``: the sum over the heads ``h`` of each group ``h // (H // G)``."""
+    batch, length, heads, key_dim = per_head.shape
+    if heads == groups:
+        return per_head
+    return per_head.reshape(batch, length, groups, heads // groups, key_dim).sum(axis=3)
+
+
+def _chunk_vjp_backward(blocks, inputs, kernel_residuals, d_out, d_leaving):
+    """``(dq, dk, dv, d log_a, dβ)`` as the XLA VJP of ``chunk_local_outputs``."""
+    per_chunk = functools.partial(chunk_local_outputs, chunk=blocks.chunk)
+    _, vjp = jax.vjp(lambda *x: per_chunk(*x, kernel_residuals[0]), *inputs[:5])
+    return vjp((d_out.astype(jnp.float32), d_leaving.astype(jnp.float32)))
 
 
 def _reference_backward(blocks, inputs, cotangents):

@@ -4,11 +4,15 @@
 sequential chunk-state pass (the state's K rows are coupled through ``W S``, so only V is split, and narrower
 blocks mean more programs in flight); ``output_value_block``: value columns per program of the parallel
 chunk-output pass (wider blocks recompute ``Q Kᵀ`` less often); ``sub_block``: rows of the diagonal blocks of
-the UT transform (Triton's smallest matmul tile is 16). ``*_warps`` / ``state_stages``: Triton warps per
-program of each kernel and software-pipelining stages of the sequential passes (GPU only). ``backward``:
-``"kernels"`` (reverse state-cotangent kernel + per-chunk XLA VJP) or ``"reference"`` (VJP of the XLA chunked
-form recomputed from the inputs). TPU tiles are multiples of 8 x 128, so the value blocks are the whole value
-dim there.
+the UT transform (Triton's smallest matmul tile is 16); ``grad_value_block``: value columns per step of the
+per-chunk gradient kernel's walk over the value dim (narrower: fewer live registers, more steps);
+``transform_float32_dots`` / ``grad_float32_dots``: precision of the float32 products of the UT transform and of
+the per-chunk gradient kernel (``float32_dots.py``: ``"ieee"`` or ``"tf32x3"``; interpreted kernels always
+``"ieee"``). ``*_warps`` / ``state_stages``: Triton warps per program of each kernel and software-pipelining
+stages of the sequential passes (GPU only). ``backward``: ``"kernels"`` (reverse state-cotangent kernel +
+per-chunk gradient kernel), ``"chunk_vjp"`` (reverse state-cotangent kernel + the XLA VJP of ``chunk_local``) or
+``"reference"`` (VJP of the XLA chunked form recomputed from the inputs). TPU tiles are multiples of 8 x 128, so
+the value blocks are the whole value dim there.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ class GDNBlocks:
     state_warps: int = 4
     state_stages: int = 3
     output_warps: int = 4
+    grad_value_block: int | None = None  # None: the whole value dim
+    grad_warps: int = 8
+    transform_float32_dots: str = "ieee"
+    grad_float32_dots: str = "tf32x3"
     backward: str = "kernels"
 
 
-BACKWARDS = ("kernels", "reference")
+BACKWARDS = ("kernels", "chunk_vjp", "reference")
 
 
 def gdn_blocks(key_dim: int, value_dim: int, chunk_size: int | None = None) -> GDNBlocks:
@@ -52,6 +60,10 @@ def gdn_blocks(key_dim: int, value_dim: int, chunk_size: int | None = None) -> G
         return GDNBlocks(chunk=chunk, state_value_block=value_dim, output_value_block=value_dim)
     # H100, 1 x 16K tokens, 16 heads of 128 (bf16): 16-column state blocks (more programs in flight) with 3
     # pipelining stages ran the sequential pass in 0.47 ms (32: 0.49, 64: 0.64; 1 stage: 0.72-0.92); one
-    # 128-column output block 0.27 ms (64: 0.29); 4 warps beat 2 and 8 in every kernel.
-    return GDNBlocks(chunk=chunk, state_value_block=min(value_dim, 16), output_value_block=min(value_dim, 128))
+    # 128-column output block 0.27 ms (64: 0.29); 4 warps beat 2 and 8 in every kernel. The per-chunk gradient
+    # kernel's first form (five [C, K|C] float32 sums live at once, 64-column steps, 4 warps, IEEE float32
+    # products) took fwd+bwd to 17.1 ms (XLA per-chunk VJP: 10.6): it now keeps two [C, K] and two [C, C] sums,
+    # walks 32 columns at a time on 8 warps with TF32x3 float32 products (untimed; tune on the device).
+    return GDNBlocks(chunk=chunk, state_value_block=min(value_dim, 16), output_value_block=min(value_dim, 128),
+                     grad_value_block=min(value_dim, 32))
 

@@ -8,8 +8,8 @@ total cotangent of ``S_n`` is
 
 ``state_cotangents``: one program per (batch, head, value block) walks the chunks backwards from
 ``dS_N`` (the final state's cotangent), keeping its ``K × value_block`` cotangent in float32 on chip; it
-stores ``dS_{n+1}`` for every chunk n (the per-chunk gradients are the VJP of ``chunk_local`` with these) and
-writes ``dS_0``, the initial state's cotangent.
+stores ``dS_{n+1}`` for every chunk n in ``cotangent_dtype`` (the per-chunk gradients of ``kernel_chunk_bwd``
+read these as matmul operands) and writes ``dS_0``, the initial state's cotangent, in float32.
 
 Inputs: ``q, k [B, T, G, K]`` (head h reads group h // R), ``cum [B, T, H]`` float32, ``w`` and
 ``decayed_keys`` ``[B, T, H, K]`` (from ``kernel_ut``), ``d_out [B, T, H, V]``, ``d_final [B, H, K, V]``.
@@ -33,7 +33,7 @@ def _state_cotangents_kernel(q_ref, k_ref, cum_ref, w_ref, decayed_ref, d_out_re
 
     def step(i, d_state):  # dS_{n+1} [K, BV] float32
         n = num_chunks - 1 - i
-        d_leaving_ref[n] = d_state
+        d_leaving_ref[n] = d_state.astype(d_leaving_ref.dtype)
         rows = pl.ds(n * chunk, chunk)
         q, k, w = q_ref[rows, :], k_ref[rows, :], w_ref[rows, :]  # [C, K]
         decayed_keys = decayed_ref[rows, :]  # K̃  [C, K]
@@ -52,10 +52,10 @@ def _state_cotangents_kernel(q_ref, k_ref, cum_ref, w_ref, decayed_ref, d_out_re
 
 def state_cotangents(q: jax.Array, k: jax.Array, cum: jax.Array, w: jax.Array, decayed_keys: jax.Array,
                      d_out: jax.Array, d_final: jax.Array, *, chunk: int, value_block: int,
-                     num_warps: int | None = None, num_stages: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None, cotangent_dtype=jnp.float32,
                      interpret=None) -> tuple[jax.Array, jax.Array]:
-    """(cotangents of the states leaving every chunk ``[B, H, N, K, V]`` float32, initial state's cotangent
-    ``[B, H, K, V]`` float32)."""
+    """(cotangents of the states leaving every chunk ``[B, H, N, K, V]`` in ``cotangent_dtype``, initial state's
+    cotangent ``[B, H, K, V]`` float32)."""
     batch, length, groups, key_dim = q.shape
     heads, value_dim = d_out.shape[2], d_out.shape[3]
     group_of = heads // groups
@@ -77,7 +77,7 @@ def state_cotangents(q: jax.Array, k: jax.Array, cum: jax.Array, w: jax.Array, d
             pl.BlockSpec((None, None, num_chunks, key_dim, value_block), lambda b, h, j: (b, h, 0, 0, j)),
             pl.BlockSpec((None, None, key_dim, value_block), lambda b, h, j: (b, h, 0, j)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), cotangent_dtype),
                    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         name="gdn_state_cotangents",
         **launch_options(interpret, num_warps, num_stages),

@@ -8,17 +8,19 @@ Within a chunk of C tokens (``g`` the within-chunk inclusive cumulative log gate
 
 so that the pseudo-values of a chunk entering with state ``S`` are ``U = U₀ − W S``. ``X`` is built from
 ``b × b`` blocks (``b`` = ``sub_block``, ``[S, S]`` in the shape comments): each diagonal block ``X_ii = (I + L_ii)⁻¹`` by repeated squaring
-(``unit_lower_inverse``), and the blocks below the diagonal by
+(``pallas_kernels.triangular``), and the blocks below the diagonal by
 
     X_ij = −X_ii Σ_{m=j}^{i−1} L_im X_mj    (j < i),
 
-all in float32 (full float32 products). ``W`` and ``U₀`` are then products in the input dtype (bf16 tensor
-cores for bf16 inputs) with float32 accumulation.
+all in float32 (float32 products at the precision ``float32_dots`` names: ``float32_dots.py``). ``W`` and ``U₀``
+are then products in the input dtype (bf16 tensor cores for bf16 inputs) with float32 accumulation.
 
 Inputs, time-major and padded to whole chunks: ``k [B, T, G, K]`` (head h reads group h // R),
 ``v [B, T, H, V]``, ``beta, cum [B, T, H]`` float32. Outputs ``W [B, T, H, K]`` in k's dtype,
 ``U₀ [B, T, H, V]`` in v's dtype, and the keys decayed to the chunk end ``K ⊙ exp(g_C − g) [B, T, H, K]`` in
 k's dtype (the state update's left operand, computed here so the sequential pass does less per chunk).
+With ``store_inverse`` it also writes ``X`` itself, ``[B, T, H, C]`` float32 (row t of its chunk's ``X``), which
+the per-chunk gradient kernel (``kernel_chunk_bwd``) reads instead of rebuilding it.
 """
 
 from __future__ import annotations
@@ -29,22 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gdn.float32_dots import float32_precision
 from pallas_kernels.ssd.common import dot, dot_transposed_rhs, last_row, launch_options
-
-
-def unit_lower_inverse(strict_lower: jax.Array) -> jax.Array:
-    """``(I + A)⁻¹`` of a strictly lower ``A [S, S]`` float32 (S a power of two) by repeated squaring:
-    ``A`` is nilpotent (``A^S = 0``), so ``(I + A)⁻¹ = Σ_{i<S} (−A)^i = (I − A)(I + A²)(I + A⁴)…(I + A^{S/2})``,
-    ``2 log2(S) − 2`` full-float32 ``S × S`` products and no sequential row loop."""
-    size = strict_lower.shape[0]
-    identity = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-                         == jax.lax.broadcasted_iota(jnp.int32, (size, size), 1), 1.0, 0.0)  # [S, S]
-    power = -strict_lower  # (−A)^(2^m)
-    inverse = identity + power
-    for _ in range(size.bit_length() - 2):
-        power = dot(power, power)
-        inverse = dot(inverse, identity + power)
-    return inverse
+from pallas_kernels.triangular import blocked_unit_lower_inverse, store_lower_blocks
 
 
 def _coupling_block(keys_i, keys_j, gates_i, gates_j, beta_i, diagonal: bool) -> jax.Array:
@@ -61,9 +50,10 @@ def _coupling_block(keys_i, keys_j, gates_i, gates_j, beta_i, diagonal: bool) ->
     return beta_i[:, None] * gram * decay
 
 
-def _ut_transform_kernel(k_ref, v_ref, beta_ref, cum_ref, w_ref, u_ref, decayed_ref, *, chunk: int, sub_block: int):
+def _ut_transform_kernel(k_ref, v_ref, beta_ref, cum_ref, w_ref, u_ref, decayed_ref, *inverse_ref, chunk: int,
+                         sub_block: int, precision):
     """One chunk: ``X`` block by block, then ``W = X diag(βγ) K``, ``U₀ = X diag(β) V`` and the keys decayed to
-    the chunk end ``K ⊙ exp(g_C − g)`` (module docstring)."""
+    the chunk end ``K ⊙ exp(g_C − g)`` (module docstring); ``X`` itself into ``inverse_ref`` when given."""
     count = chunk // sub_block
     block_rows = [pl.ds(i * sub_block, sub_block) for i in range(count)]
     keys = [k_ref[rows, :] for rows in block_rows]  # [S, K] each
@@ -72,14 +62,12 @@ def _ut_transform_kernel(k_ref, v_ref, beta_ref, cum_ref, w_ref, u_ref, decayed_
     gate_last = last_row(cum_ref, 0, chunk)  # g_C  [1]
     for key, gate, rows in zip(keys, gates, block_rows):
         decayed_ref[rows, :] = (key.astype(jnp.float32) * jnp.exp(gate_last - gate)[:, None]).astype(decayed_ref.dtype)
-    inverse = {}  # (i, j) -> X_ij  [S, S] float32
-    for i in range(count):
-        inverse[i, i] = unit_lower_inverse(
-            _coupling_block(keys[i], keys[i], gates[i], gates[i], betas[i], diagonal=True))
-        below = [_coupling_block(keys[i], keys[m], gates[i], gates[m], betas[i], diagonal=False) for m in range(i)]
-        for j in range(i):
-            summed = sum(dot(below[m], inverse[m, j]) for m in range(j, i))  # Σ_m L_im X_mj  [S, S]
-            inverse[i, j] = -dot(inverse[i, i], summed)
+    def coupling(i, m):  # L_im  [S, S]
+        return _coupling_block(keys[i], keys[m], gates[i], gates[m], betas[i], diagonal=i == m)
+
+    inverse = blocked_unit_lower_inverse(coupling, count, precision)  # (i, j) -> X_ij  [S, S] float32
+    if inverse_ref:
+        store_lower_blocks(inverse_ref[0], inverse, block_rows)
     scaled_keys = [(keys[j].astype(jnp.float32) * (betas[j] * jnp.exp(gates[j]))[:, None]).astype(keys[j].dtype)
                    for j in range(count)]  # diag(βγ) K  [S, K]
     values = [v_ref[rows, :] for rows in block_rows]
@@ -93,12 +81,18 @@ def _ut_transform_kernel(k_ref, v_ref, beta_ref, cum_ref, w_ref, u_ref, decayed_
 
 
 def ut_transform(k: jax.Array, v: jax.Array, beta: jax.Array, cum: jax.Array, *, chunk: int, sub_block: int,
-                 num_warps: int | None = None, interpret=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(W [B, T, H, K], U₀ [B, T, H, V], K ⊙ exp(g_C − g) [B, T, H, K])`` of every chunk (module docstring)."""
+                 num_warps: int | None = None, store_inverse: bool = False, float32_dots: str = "ieee",
+                 interpret=None) -> tuple[jax.Array, ...]:
+    """``(W [B, T, H, K], U₀ [B, T, H, V], K ⊙ exp(g_C − g) [B, T, H, K])`` of every chunk, then
+    ``X [B, T, H, C]`` float32 with ``store_inverse`` (module docstring); ``float32_dots``: precision of the
+    float32 products (``float32_dots.FLOAT32_DOTS``)."""
     batch, length, groups, key_dim = k.shape
     heads, value_dim = v.shape[2], v.shape[3]
     group_of = heads // groups
-    kernel = functools.partial(_ut_transform_kernel, chunk=chunk, sub_block=sub_block)
+    kernel = functools.partial(_ut_transform_kernel, chunk=chunk, sub_block=sub_block,
+                               precision=float32_precision(float32_dots, interpret))
+    inverse_spec = [pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))] if store_inverse else []
+    inverse_shape = [jax.ShapeDtypeStruct((batch, length, heads, chunk), jnp.float32)] if store_inverse else []
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, length // chunk),
@@ -112,10 +106,12 @@ def ut_transform(k: jax.Array, v: jax.Array, beta: jax.Array, cum: jax.Array, *,
             pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0)),
             pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0)),
             pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0)),
+            *inverse_spec,
         ],
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, key_dim), k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), k.dtype)],
+                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), k.dtype),
+                   *inverse_shape],
         name="gdn_ut_transform",
         **launch_options(interpret, num_warps, None),
     )(k, v, beta, cum)

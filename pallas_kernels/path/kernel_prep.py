@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ssd.common import contract, dot_transposed_rhs, launch_options
-from pallas_kernels.triangular import blocked_unit_lower_inverse, identity_matrix, strictly_lower_mask
+from pallas_kernels.triangular import (blocked_unit_lower_inverse, identity_matrix, store_lower_blocks,
+                                       strictly_lower_mask)
 
 
 def _preprocess_kernel(k_ref, w_ref, beta_ref, transform_ref, carried_ref, products_ref, *, block: int,
@@ -47,10 +48,7 @@ def _preprocess_kernel(k_ref, w_ref, beta_ref, transform_ref, carried_ref, produ
 
     inverse = blocked_unit_lower_inverse(coupling, count)
     transform = {(i, j): inverse[i, j] * betas[j][None, :] for (i, j) in inverse}  # 𝒯_ij = X_ij diag(β_j)
-    for i in range(count):
-        for j in range(count):
-            value = transform[i, j] if j <= i else jnp.zeros((sub_block, sub_block), jnp.float32)
-            transform_ref[rows[i], rows[j]] = value
+    store_lower_blocks(transform_ref, transform, rows)
 
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, precision)

@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm.ops.delta_rule import gated_delta_rule
 from pallas_kernels.gdn import GDNBlocks, gated_delta_rule_pallas, gdn_blocks
-from pallas_kernels.gdn.kernel_ut import unit_lower_inverse
+from pallas_kernels.triangular import unit_lower_inverse
 from pallas_kernels.registry import UnsupportedShapeError
 
 

@@ -1,0 +1,181 @@
+"""Gated delta rule backward kernel: the gradients of every chunk, all chunks in parallel, time-major, T padded.
+
+Chunk n (entering state ``S``, leaving-state cotangent ``dS'`` from ``kernel_bwd``, output cotangent ``dO``)
+computes, with ``g`` the within-chunk inclusive cumulative log gates, ``γ = exp(g)``, ``Γ_ij = exp(g_i − g_j)``,
+``X = (I + L)⁻¹``, ``L = strictlower(diag(β) (K Kᵀ ⊙ Γ))`` (``kernel_ut``, ``X`` stored by the forward) and the
+pseudo-values ``U`` (stored by the forward):
+
+    V' = V − (γ ⊙ K) S,    U = X diag(β) V',    A = (Q Kᵀ) ⊙ Γ (causal, diagonal included),
+    O = (γ ⊙ Q) S + A U,    S' = γ_C S + (K ⊙ exp(g_C − g))ᵀ U.
+
+Reverse mode through these (``K̃ = K ⊙ exp(g_C − g)``; ``rows``/``cols`` sum a ``[C, C]`` over its columns / rows):
+
+    dU = Aᵀ dO + K̃ dS',    dY = Xᵀ dU,    dV = diag(β) dY,
+    dA = (dO Uᵀ) ⊙ Γ (causal),    dL = −strictlower(dY Uᵀ)   (from dX = −Xᵀ dX' Xᵀ with X' = I + L),
+    Z = dL ⊙ Γ (strictly lower),    Z_β = diag(β) Z,    G = K Kᵀ,
+    dQ = dA K + γ ⊙ (dO Sᵀ),
+    dK = dAᵀ Q − γ ⊙ (dV Sᵀ) + exp(g_C − g) ⊙ (U dS'ᵀ) + Z_β K + Z_βᵀ K,
+    dβ = rows(dY ⊙ V') + rows(Z ⊙ G),
+    dg = γ ⊙ rows(Q ⊙ dO Sᵀ) − γ ⊙ rows(K ⊙ dV Sᵀ) − rows(K̃ ⊙ U dS'ᵀ)
+         + rows(dA ⊙ Q Kᵀ) − cols(dA ⊙ Q Kᵀ) + rows(Z_β ⊙ G) − cols(Z_β ⊙ G),
+    dg_C += Σ_i (K̃ ⊙ U dS'ᵀ)_i + γ_C ⟨dS', S⟩,
+
+and ``d log_a_i = Σ_{j ≥ i} dg_j`` within the chunk (``g`` is the inclusive cumulative sum of ``log_a``).
+Every input of chunk n reaches the loss only through ``(O, S')``, so these are the whole sequence's gradients
+(the entering states' own cotangents are ``kernel_bwd``'s).
+
+``chunk_grads``: one program per (batch, head, chunk). ``dY = Xᵀ dU`` and what depends on it are computed
+``value_block`` columns at a time (each block's ``dU``, ``dY``, ``V'`` live only for that block), accumulating in
+float32 ``dY Uᵀ`` ``[C, C]``, ``−γ ⊙ dV Sᵀ`` ``[C, K]`` and per-row β and gate terms (the gate terms of the state
+products come from the products the block computes anyway: ``γ_i k_i·(dV Sᵀ)_i = Σ_v dV_iv ((γ ⊙ K) S)_iv``,
+``k̃_i·(U dS'ᵀ)_i = Σ_v U_iv (K̃ dS')_iv``); the products that do not involve ``dY`` (``dO Uᵀ``, ``dO Sᵀ``,
+``U dS'ᵀ``) contract the whole value dim after the walk, so few sums are live at once. Products with ``X``,
+``dY`` and ``Z`` (the UT inverse's gradient) are float32 (``float32_dots``); the others take the inputs' dtype
+(bf16 tensor cores for bf16 inputs) with float32 accumulation.
+
+Inputs: ``q, k [B, T, G, K]`` (head h reads group h // R), ``v``, ``pseudo`` (U), ``d_out`` ``[B, T, H, V]``,
+``beta, cum [B, T, H]`` float32, ``inverse [B, T, H, C]`` float32, ``states`` and ``d_leaving`` ``[B, H, N, K, V]``.
+Outputs per head: ``dq, dk [B, T, H, K]``, ``dv [B, T, H, V]``, ``dβ, d log_a [B, T, H]`` float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gdn.float32_dots import float32_precision
+from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
+                                       launch_options)
+
+
+def _row_sums(x: jax.Array) -> jax.Array:
+    """``Σ_j x_ij``: ``[C, M] -> [C]``."""
+    return jnp.sum(x, axis=1)
+
+
+def _col_sums(x: jax.Array) -> jax.Array:
+    """``Σ_i x_ij``: ``[C, C] -> [C]``."""
+    return jnp.sum(x, axis=0)
+
+
+def _gate_factors(cum_ref, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(g [C], γ = exp(g) [C], exp(g_C − g) [C])`` of one chunk."""
+    cum = cum_ref[...]  # [C] float32
+    return cum, jnp.exp(cum), jnp.exp(last_row(cum_ref, 0, chunk) - cum)
+
+
+def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
+                      d_leaving_ref, dv_ref, attention, *, chunk: int, value_block: int, precision) -> dict:
+    """Walk the value dim in blocks: store ``dV = diag(β) Xᵀ (Aᵀ dO + K̃ dS')`` and return the float32 sums over
+    the value dim: ``d_coupling = dY Uᵀ`` ``[C, C]``; ``dk = −γ ⊙ dV Sᵀ`` ``[C, K]``; ``d_beta = rows(dY ⊙ V')``,
+    ``d_gates = −rows(dV ⊙ (γ ⊙ K) S) − rows(U ⊙ K̃ dS')`` ``[C]``; ``written = Σ rows(U ⊙ K̃ dS')`` and
+    ``overlap = ⟨dS', S⟩`` (scalars)."""
+    dtype = k_ref.dtype
+    key_dim = k_ref.shape[1]
+    sums = dict(d_coupling=jnp.zeros((chunk, chunk), jnp.float32), dk=jnp.zeros((chunk, key_dim), jnp.float32),
+                d_beta=jnp.zeros((chunk,), jnp.float32), d_gates=jnp.zeros((chunk,), jnp.float32),
+                written=jnp.zeros((), jnp.float32), overlap=jnp.zeros((), jnp.float32))
+    for start in range(0, v_ref.shape[1], value_block):
+        cols = pl.ds(start, value_block)
+        _, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
+        beta = beta_ref[...]  # [C]
+        k32 = k_ref[...].astype(jnp.float32)  # [C, K]
+        d_out, pseudo32 = d_out_ref[:, cols].astype(dtype), pseudo_ref[:, cols].astype(jnp.float32)  # dO, U [C, BV]
+        state32, d_leaving32 = state_ref[:, cols].astype(jnp.float32), d_leaving_ref[:, cols].astype(jnp.float32)
+        state, d_leaving = state32.astype(dtype), d_leaving32.astype(dtype)  # S, dS'  [K, BV]
+        written = dot((k32 * to_end[:, None]).astype(dtype), d_leaving)  # K̃ dS'  [C, BV]
+        kept = dot((k32 * from_start[:, None]).astype(dtype), state)  # (γ ⊙ K) S  [C, BV]
+        d_pseudo = dot_transposed_lhs(attention, d_out) + written  # dU  [C, BV]
+        d_solved = dot_transposed_lhs(inverse_ref[...], d_pseudo, precision)  # dY = Xᵀ dU  [C, BV]
+        d_values = beta[:, None] * d_solved  # dV = dV'  [C, BV]
+        dv_ref[:, cols] = d_values.astype(dv_ref.dtype)
+        erased = v_ref[:, cols].astype(jnp.float32) - kept  # V'  [C, BV]
+        written_rows = _row_sums(pseudo32 * written)  # [C]
+        sums["d_coupling"] += dot_transposed_rhs(d_solved, pseudo32, precision)
+        sums["dk"] -= dot_transposed_rhs((from_start[:, None] * d_values).astype(dtype), state)
+        sums["d_beta"] += _row_sums(d_solved * erased)
+        sums["d_gates"] -= _row_sums(d_values * kept) + written_rows
+        sums["written"] += jnp.sum(written_rows)
+        sums["overlap"] += jnp.sum(_row_sums(state32 * d_leaving32))
+    return sums
+
+
+def _chunk_grads_kernel(q_ref, k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
+                        d_leaving_ref, dq_ref, dk_ref, dv_ref, d_beta_ref, d_log_a_ref, *, chunk: int,
+                        value_block: int, precision):
+    """One chunk of one head: ``dQ, dK, dV, dβ, d log_a`` (module docstring)."""
+    dtype = q_ref.dtype
+    attention = (dot_transposed_rhs(q_ref[...], k_ref[...]) * causal_decay(cum_ref[...])).astype(dtype)  # A
+    sums = _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
+                             d_leaving_ref, dv_ref, attention, chunk=chunk, value_block=value_block,
+                             precision=precision)
+
+    q, k = q_ref[...], k_ref[...]  # [C, K]
+    k32 = k.astype(jnp.float32)
+    beta = beta_ref[...]  # [C]
+    cum, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
+    d_out, pseudo = d_out_ref[...].astype(dtype), pseudo_ref[...].astype(dtype)  # dO, U  [C, V]
+    state, d_leaving = state_ref[...].astype(dtype), d_leaving_ref[...].astype(dtype)  # S, dS'  [K, V]
+    decay = causal_decay(cum)  # Γ, causal  [C, C]
+    scores = dot_transposed_rhs(q, k)  # Q Kᵀ  [C, C]
+    gram = dot_transposed_rhs(k, k)  # G  [C, C]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    d_attention = dot_transposed_rhs(d_out, pseudo) * decay  # dA = (dO Uᵀ) ⊙ Γ  [C, C]
+    d_coupling = jnp.where(rows > cols, -sums["d_coupling"] * decay, 0.0)  # Z  [C, C]
+    d_gram = beta[:, None] * d_coupling  # Z_β  [C, C]
+
+    dq_state = from_start[:, None] * dot_transposed_rhs(d_out, state)  # γ ⊙ dO Sᵀ  [C, K]
+    dq = dot(d_attention.astype(dtype), k) + dq_state  # [C, K]
+    dk = (dot_transposed_lhs(d_attention.astype(dtype), q) + sums["dk"]
+          + to_end[:, None] * dot_transposed_rhs(pseudo, d_leaving)
+          + dot(d_gram + d_gram.T, k32, precision))  # [C, K]
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    d_beta_ref[...] = sums["d_beta"] + _row_sums(d_coupling * gram)
+
+    pair_gates = d_attention * scores + d_gram * gram  # dA ⊙ Q Kᵀ + Z_β ⊙ G  [C, C]
+    d_gates = (_row_sums(q.astype(jnp.float32) * dq_state) + sums["d_gates"]
+               + _row_sums(pair_gates) - _col_sums(pair_gates))  # dg  [C]
+    is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    chunk_decay = jnp.exp(last_row(cum_ref, 0, chunk))  # γ_C  [1]
+    d_gates += jnp.where(is_last, sums["written"] + chunk_decay * sums["overlap"], 0.0)
+    d_log_a_ref[...] = _row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
+
+
+def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_out: jax.Array, beta: jax.Array,
+                cum: jax.Array, inverse: jax.Array, states: jax.Array, d_leaving: jax.Array, *, chunk: int,
+                value_block: int, float32_dots: str = "ieee", num_warps: int | None = None,
+                interpret=None) -> tuple[jax.Array, ...]:
+    """Per-head ``(dq, dk [B, T, H, K], dv [B, T, H, V], dβ, d log_a [B, T, H])`` (module docstring); ``dq, dk``
+    in q's dtype when every group has one head, else float32 (the caller sums them over each group's heads);
+    ``dv`` in v's dtype; ``dβ, d log_a`` float32. ``float32_dots``: precision of the float32 products
+    (``float32_dots.FLOAT32_DOTS``)."""
+    batch, length, groups, key_dim = q.shape
+    heads, value_dim = v.shape[2], v.shape[3]
+    group_of = heads // groups
+    key_dtype = q.dtype if group_of == 1 else jnp.float32
+    kernel = functools.partial(_chunk_grads_kernel, chunk=chunk, value_block=value_block,
+                               precision=float32_precision(float32_dots, interpret))
+    group_rows = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h // group_of, 0))
+    head_keys = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0))
+    head_values = pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0))
+    head_gates = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
+    head_inverse = pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))
+    head_states = pl.BlockSpec((None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0))
+    gates_shape = jax.ShapeDtypeStruct((batch, length, heads), jnp.float32)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, length // chunk),
+        in_specs=[group_rows, group_rows, head_values, head_values, head_values, head_gates, head_gates,
+                  head_inverse, head_states, head_states],
+        out_specs=[head_keys, head_keys, head_values, head_gates, head_gates],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
+                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), gates_shape, gates_shape],
+        name="gdn_chunk_grads",
+        **launch_options(interpret, num_warps),
+    )(q, k, v, pseudo, d_out, beta, cum, inverse, states, d_leaving)
