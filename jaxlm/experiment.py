@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import pathlib
 import sys
+import time
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -70,3 +71,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.seeds:
         config.seeds = args.seeds
     return config
+
+
+def with_progress(chunks, label: str, steps: int, chunk_steps: int):
+    """Yield ``chunks`` unchanged, printing the steps done and the elapsed minutes before each new chunk.
+
+    ``train_seeds`` asks for chunk ``k + 1`` only after the results of chunk ``k`` are back on the host, so
+    each line marks finished work (the first call's time includes compilation).
+    """
+    start = time.perf_counter()
+    for call, chunk in enumerate(chunks):
+        if call:
+            print(f"  {label}: step {call * chunk_steps}/{steps}, {(time.perf_counter() - start) / 60:.2f} min",
+                  flush=True)
+        yield chunk

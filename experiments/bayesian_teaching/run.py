@@ -2,8 +2,10 @@
 
 For each training-set size, the same dialogues are rendered twice: with the Bayesian assistant's
 recommendations as the model's turns (Bayesian teaching) and with the user's true choices (oracle
-teaching). Two identical models are trained with SFT (loss on the recommendation tokens only) and
-evaluated on fresh users and option sets:
+teaching). Two identical models are trained with SFT (loss on the recommendation tokens only) under one
+recipe for every size and teaching (``training.py``: the same step budget, the checkpoint with the
+lowest loss on a validation split of the same teaching is kept) and evaluated on fresh users and
+option sets:
 
 - round by round: the model recommends in each of the 5 rounds, seeing its own earlier
   recommendations and the user's true choices; scored against the user's choice (accuracy) and
@@ -13,8 +15,11 @@ evaluated on fresh users and option sets:
 - transfer, without training on them: the hotel task and the flight task with 2–8 features.
 
     python experiments/bayesian_teaching/run.py --config smoke   # seconds, CPU (used by the tests)
-    python experiments/bayesian_teaching/run.py --config cpu     # a few minutes on a CPU
-    python experiments/bayesian_teaching/run.py --config full    # one GPU, under 20 minutes
+    python experiments/bayesian_teaching/run.py --config cpu     # about ten minutes on a 2-core CPU
+    python experiments/bayesian_teaching/run.py --config full    # one GPU, under 12 minutes
+
+``--sizes``, ``--steps`` and ``--learning-rate`` override the preset and ``--tag`` names the outputs
+(e.g. for the learning-rate pilot described in the README).
 
 Writes ``results_<config>.json``, ``results_<config>.md`` (the tables) and PNG plots to ``--out``.
 """
@@ -32,28 +37,26 @@ import time
 import numpy as np
 from flax import nnx
 
+from jaxlm.experiment import load_file_module
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.decoder import DecoderLM
 from jaxlm.tasks.flights import (FLIGHTS, HOTELS, NUM_ROUNDS, PreferenceTask, bayesian_recommendations,
                                  flights_with_features, sample_option_levels, user_choices)
 from jaxlm.tasks.flights_dialogue import (DIALOGUE_TOKENIZER, TEACHINGS, Dialogues, heldout_recommendations,
-                                          interactive_recommendations, sample_dialogues, teaching_batches,
-                                          teaching_examples)
-from jaxlm.train.config import OptimizerConfig
-from jaxlm.train.sft import fit
+                                          interactive_recommendations, sample_dialogues)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN_SEED, EVAL_SEED = 1, 2
+training = load_file_module(os.path.join(HERE, "training.py"), "bayesian_teaching_training")
+Recipe = training.Recipe
+TRAIN_SEED, EVAL_SEED, VALID_SEED = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: model shape, training-set sizes, SFT steps and the evaluation sets."""
+    """One experiment: model shape, training-set sizes, the SFT recipe (shared by all runs) and the evaluation sets."""
 
     data_sizes: tuple[int, ...]
-    steps: int
-    batch_size: int
-    learning_rate: float
+    recipe: Recipe
     d_model: int
     num_layers: int
     num_heads: int
@@ -68,11 +71,15 @@ class ExperimentConfig:
 
 
 CONFIGS = {
-    "smoke": ExperimentConfig(data_sizes=(16,), steps=4, batch_size=8, learning_rate=1e-3, d_model=16, num_layers=1,
-                              num_heads=2, eval_dialogues=16, transfer_features=(3,)),
-    "cpu": ExperimentConfig(data_sizes=(4096,), steps=300, batch_size=32, learning_rate=3e-3, d_model=64,
-                            num_layers=2, num_heads=4, eval_dialogues=256, transfer_features=(3,)),
-    "full": ExperimentConfig(data_sizes=(256, 1024, 4096, 16384, 65536), steps=6000, batch_size=64, learning_rate=1e-3,
+    "smoke": ExperimentConfig(data_sizes=(16,), recipe=Recipe(steps=6, batch_size=8, learning_rate=1e-3,
+                                                                 warmup_steps=1, eval_every=3, valid_dialogues=24),
+                              d_model=16, num_layers=1, num_heads=2, eval_dialogues=16, transfer_features=(3,)),
+    "cpu": ExperimentConfig(data_sizes=(256, 4096), recipe=Recipe(steps=400, batch_size=32, learning_rate=3e-3,
+                                                                  warmup_steps=20, eval_every=40, valid_dialogues=512),
+                            d_model=32, num_layers=2, num_heads=4, eval_dialogues=256, transfer_features=(3,)),
+    "full": ExperimentConfig(data_sizes=(256, 1024, 4096, 16384, 65536),
+                             recipe=Recipe(steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200,
+                                           eval_every=250, valid_dialogues=1024),
                              d_model=128, num_layers=4, num_heads=4, eval_dialogues=2048,
                              transfer_features=(2, 3, 5, 6, 7, 8)),
 }
@@ -113,14 +120,15 @@ def model_scores(model: nnx.Module, eval_set: EvalSet) -> dict[str, list[float]]
             "heldout_agreement": (heldout == eval_set.heldout_assistant).mean(0).tolist()}
 
 
-def train_model(config: ExperimentConfig, dialogues: Dialogues, teaching: str) -> tuple[DecoderLM, float]:
-    """A fresh model (same init for every teaching) trained with SFT; returns it and its last logged loss."""
+def train_model(config: ExperimentConfig, train_dialogues: Dialogues, valid_dialogues: Dialogues,
+                teaching: str) -> tuple[DecoderLM, list[dict]]:
+    """A fresh model (same init and batch order for every teaching and size) trained by the recipe; returns it
+    holding its kept checkpoint, and the validation history."""
     model = DecoderLM(config.model_config(), rngs=nnx.Rngs(config.seed))
-    batches = teaching_batches(teaching_examples(dialogues, teaching), config.batch_size, seed=config.seed)
-    optimizer = OptimizerConfig(learning_rate=config.learning_rate, warmup_steps=max(1, config.steps // 20))
-    result = fit(model, batches, steps=config.steps, optimizer=optimizer, progress=False,
-                 log_every=max(1, config.steps // 10), description=f"{teaching} {len(dialogues.users)}")
-    return model, result.history[-1]["loss"]
+    history = training.train_with_validation(model, training.teaching_rows(train_dialogues, teaching),
+                                             training.teaching_rows(valid_dialogues, teaching), config.recipe,
+                                             seed=config.seed)
+    return model, history
 
 
 def run_experiment(config: ExperimentConfig, log=functools.partial(print, flush=True)) -> dict:
@@ -130,16 +138,20 @@ def run_experiment(config: ExperimentConfig, log=functools.partial(print, flush=
     results = {"config": dataclasses.asdict(config),
                "assistant": {name: assistant_scores(eval_set) for name, eval_set in eval_sets.items()},
                "runs": []}
+    valid_dialogues = sample_dialogues(FLIGHTS, config.recipe.valid_dialogues, VALID_SEED)
     for size in config.data_sizes:
         train_dialogues = sample_dialogues(FLIGHTS, size, TRAIN_SEED)
         for teaching in TEACHINGS:
             start = time.time()
-            model, loss = train_model(config, train_dialogues, teaching)
+            model, history = train_model(config, train_dialogues, valid_dialogues, teaching)
+            kept = next(record for record in history if record["kept"])
             scores = {name: model_scores(model, eval_set) for name, eval_set in eval_sets.items()}
-            results["runs"].append({"teaching": teaching, "train_dialogues": size, "final_loss": loss,
+            results["runs"].append({"teaching": teaching, "train_dialogues": size, "kept_step": kept["step"],
+                                    "valid_loss": kept["valid_loss"], "history": history,
                                     "seconds": time.time() - start, "scores": scores})
             flights = scores[FLIGHTS.name]
-            log(f"{teaching:8s} n={size:6d} loss={loss:.3f} round acc "
+            log(f"{teaching:8s} n={size:6d} kept step {kept['step']} valid loss {kept['valid_loss']:.3f} "
+                f"(last train loss {history[-1]['train_loss']:.3f}) round acc "
                 + " ".join(f"{100 * a:.1f}" for a in flights["round_accuracy"])
                 + f"  agree {100 * np.mean(flights['round_agreement']):.1f}  ({time.time() - start:.0f}s)")
     return results
@@ -152,14 +164,16 @@ def percent(values) -> str:
 def results_table(results: dict) -> str:
     """Markdown tables: flight accuracy/agreement per round, held-out curve, transfer (mean over rounds)."""
     assistant = results["assistant"][FLIGHTS.name]
-    lines = ["| teaching | train dialogues | accuracy, rounds 1–5 (%) | final round | agreement w/ assistant (%) |",
-             "|---|---|---|---|---|",
+    lines = ["| teaching | train dialogues | accuracy, rounds 1–5 (%) | final round | agreement w/ assistant (%) "
+             "| kept step | valid loss |",
+             "|---|---|---|---|---|---|---|",
              f"| Bayesian assistant | – | {percent(assistant['round_accuracy'])} | "
-             f"{100 * assistant['round_accuracy'][-1]:.1f} | 100 |"]
+             f"{100 * assistant['round_accuracy'][-1]:.1f} | 100 | – | – |"]
     for run in results["runs"]:
         flights = run["scores"][FLIGHTS.name]
         lines.append(f"| {run['teaching']} | {run['train_dialogues']} | {percent(flights['round_accuracy'])} | "
-                     f"{100 * flights['round_accuracy'][-1]:.1f} | {100 * np.mean(flights['round_agreement']):.1f} |")
+                     f"{100 * flights['round_accuracy'][-1]:.1f} | {100 * np.mean(flights['round_agreement']):.1f} | "
+                     f"{run['kept_step']} | {run['valid_loss']:.3f} |")
     lines += ["", "Held-out option sets after r = 0 … 5 observed rounds (accuracy %, r = 5 is longer than training):", "",
               "| teaching | train dialogues | r = 0 … 5 |", "|---|---|---|",
               f"| Bayesian assistant | – | {percent(assistant['heldout_accuracy'])} |"]
@@ -178,7 +192,8 @@ def results_table(results: dict) -> str:
 
 
 def plot_results(results: dict, out_dir: str, tag: str) -> list[str]:
-    """Three PNGs: accuracy per round (largest data size), final-round accuracy vs data size, transfer."""
+    """Four PNGs: accuracy per round (largest data size), final-round accuracy vs data size, transfer, and the
+    train and validation loss curves of every run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,6 +237,20 @@ def plot_results(results: dict, out_dir: str, tag: str) -> list[str]:
     axis.set(ylabel="accuracy, mean of rounds (%)", title=f"Transfer (trained on flights, {largest} dialogues)")
     axis.legend(fontsize=8)
     paths.append(_save(figure, out_dir, f"transfer_{tag}.png"))
+
+    figure, axes = plt.subplots(1, len(TEACHINGS), figsize=(9, 3.5), sharey=True)
+    for axis, teaching in zip(axes, TEACHINGS):
+        for run in (run for run in runs if run["teaching"] == teaching):
+            steps = [record["step"] for record in run["history"]]
+            line, = axis.plot(steps, [record["valid_loss"] for record in run["history"]],
+                              label=f"{run['train_dialogues']} valid")
+            axis.plot(steps, [record["train_loss"] for record in run["history"]], ":", color=line.get_color())
+            axis.plot(run["kept_step"], run["valid_loss"], "o", color=line.get_color())
+        axis.axhline(np.log(3), color="k", lw=0.5)
+        axis.set(xlabel="step", title=f"{teaching} teaching (dotted: train, dot: kept)")
+    axes[0].set(ylabel="loss on assistant turns")
+    axes[0].legend(fontsize=7)
+    paths.append(_save(figure, out_dir, f"loss_curves_{tag}.png"))
     return paths
 
 
@@ -238,9 +267,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="shorthand for --config smoke")
     parser.add_argument("--out", default=HERE, help="folder for the results JSON, the table and the plots")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
+    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="training-set sizes (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=0, help="SFT steps of every run (0: the preset's)")
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="peak learning rate (0: the preset's)")
+    parser.add_argument("--tag", default="", help="output file suffix (default: the config name)")
     args = parser.parse_args(argv)
-    name = "smoke" if args.smoke else args.config
-    config = dataclasses.replace(CONFIGS[name], seed=args.seed)
+    config = CONFIGS["smoke" if args.smoke else args.config]
+    recipe = dataclasses.replace(config.recipe, steps=args.steps or config.recipe.steps,
+                                 learning_rate=args.learning_rate or config.recipe.learning_rate).validate()
+    config = dataclasses.replace(config, seed=args.seed, recipe=recipe,
+                                 data_sizes=tuple(args.sizes) if args.sizes else config.data_sizes)
+    name = args.tag or ("smoke" if args.smoke else args.config)
     os.makedirs(args.out, exist_ok=True)
     results = run_experiment(config)
     table = results_table(results)

@@ -1,7 +1,7 @@
 """MQAR recall: Mamba-2 vs log-linear Mamba-2 and Gated DeltaNet vs log-linear Gated DeltaNet.
 
-    python experiments/mqar/run.py --preset gpu --output experiments/mqar/results_gpu.json   # one H100, <= 5 min
-    python experiments/mqar/run.py --preset cpu --output experiments/mqar/results_cpu.json   # reduced, CPU
+    python experiments/mqar/run.py --preset gpu --output experiments/mqar/results_gpu.json   # one H100, <= 12 min
+    python experiments/mqar/run.py --preset cpu --only attention --seeds 1                    # the control, CPU
     python experiments/mqar/run.py --preset smoke --output /tmp/mqar_smoke.json               # seconds (the tests)
 
 Protocol (Zoology-like; Arora et al. 2023, and REFERENCE.md §2, §8): one sequence length; every example is
@@ -12,13 +12,18 @@ each step draws a batch from it. The loss is the cross-entropy of the queried va
 for every seed and model) and recall accuracy is measured per pair count: the fraction of queried values
 whose argmax prediction is right.
 
+Control: softmax attention with RoPE (``config.controls``, one width) trains first on the same data. Two-layer
+attention solves MQAR at these sizes (Zoology, Fig. 2), so a control near chance means the recipe (steps,
+schedule) or the pipeline is at fault, and the comparison rows then say nothing about the claim.
+
 Parameter matching: the log-linear layer adds its λ projection ``W_λ [d_model, H·levels]`` and the
 per-level scales ``[H, levels]``. The linear model gets the SwiGLU hidden width (3·d_model parameters per
 unit per layer) that brings its count closest to the log-linear one; both counts are reported.
 
 All models of one width and seed see the same batches and start from the same seed. The seeds train
 together (``jaxlm.train.seeds``: parameters stacked, one vmapped AdamW step, many steps per jitted call), so each
-(mixer, width) compiles once. Writes the JSON results to ``--output`` and a plot next to it (same name, .png).
+(mixer, width) compiles once. Progress (steps done, minutes) is printed after every jitted call. Writes the
+JSON results to ``--output`` and a plot next to it (same name, .png).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 
 import numpy as np
 
-from jaxlm.experiment import config_from_args, experiment_parser
+from jaxlm.experiment import config_from_args, experiment_parser, with_progress
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import GatedDeltaNetOptions, Mamba2Options
 from jaxlm.train import seeds as seed_batching
@@ -143,6 +148,19 @@ def matched_configs(config, linear: str, loglinear: str, width: int, vocab_size:
     return {linear: model_config(config, linear, width, linear_mlp, vocab_size), loglinear: loglinear_config}
 
 
+def control_configs(config, vocab_size: int) -> dict[str, ModelConfig]:
+    """The control models: every mixer of ``config.controls`` at ``model.control_width`` (SwiGLU ``mlp_ratio ·
+    width``, no parameter matching).
+
+    A control is a mixer known to solve MQAR at this size (2-layer softmax attention with RoPE; Arora et al.
+    2023, Fig. 2). It checks the recipe and the pipeline: if it stays near chance, the comparison rows say
+    nothing about the claim.
+    """
+    width = config.model.control_width
+    return {mixer: model_config(config, mixer, width, config.model.mlp_ratio * width, vocab_size)
+            for mixer in config.controls}
+
+
 def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], train_sets, held_out) -> dict:
     """Train ``model_cfg`` for every seed at once; held-out recall per pair count after every call."""
     train = config.train
@@ -152,7 +170,8 @@ def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], train_s
     trainer = seed_batching.make_trainer(model, train)
     eval_ids, eval_mask, eval_pairs = held_out
     eval_tokens = eval_ids[:, :-1].reshape(-1, config.task.eval_batch_size, config.task.seq_len)  # [E, Be, T]
-    chunks = batch_chunks(train_sets, train.steps, chunk_steps, train.batch_size, seeds)
+    chunks = with_progress(batch_chunks(train_sets, train.steps, chunk_steps, train.batch_size, seeds),
+                           f"{model_cfg.mixer} d={model_cfg.d_model}", train.steps, chunk_steps)
     losses, predictions = seed_batching.train_seeds(model, trainer, chunks, eval_tokens)
     curve = []
     for call, prediction in enumerate(predictions):
@@ -178,7 +197,8 @@ def results_table(runs: list[dict], eval_pairs) -> str:
     for run in runs:
         cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(run["mean_accuracy"], run["std_accuracy"])]
         mean = 100 * float(np.mean(run["mean_accuracy"]))
-        lines.append(f"| {run['width']} | {run['mixer']} | {run['num_params']:,} | " + " | ".join(cells)
+        mixer = f"{run['mixer']} (control)" if run.get("control") else run["mixer"]
+        lines.append(f"| {run['width']} | {mixer} | {run['num_params']:,} | " + " | ".join(cells)
                      + f" | {mean:.1f} |")
     return "\n".join(lines)
 
@@ -194,9 +214,10 @@ def plot(runs: list[dict], path: pathlib.Path) -> None:
     figure, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 4), squeeze=False)
     for axis, width in zip(axes[0], widths):
         for run in (r for r in runs if r["width"] == width):
-            style = "-" if run["mixer"].startswith("loglinear") else "--"
+            style = ":" if run.get("control") else "-" if run["mixer"].startswith("loglinear") else "--"
+            role = ", control" if run.get("control") else ""
             axis.errorbar(run["eval_pairs"], run["mean_accuracy"], yerr=run["std_accuracy"], linestyle=style,
-                          marker="o", capsize=3, label=f"{run['mixer']} ({run['num_params']:,})")
+                          marker="o", capsize=3, label=f"{run['mixer']} ({run['num_params']:,}{role})")
         axis.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", title=f"d_model = {width}",
                  ylim=(0, 1.02))
         axis.set_xticks(runs[0]["eval_pairs"], [str(p) for p in runs[0]["eval_pairs"]])
@@ -207,19 +228,35 @@ def plot(runs: list[dict], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def select_mixers(config, names) -> None:
+    """Keep only the controls and the (linear, log-linear) pairs named by ``names`` (a pair by its linear mixer).
+
+    Raises ValueError naming the unknown names and the allowed ones.
+    """
+    known = list(config.controls) + [linear for linear, _ in config.mixer_pairs]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"--only {unknown}: each name must be a control or the linear mixer of a pair, "
+                         f"one of {known}")
+    config.controls = tuple(mixer for mixer in config.controls if mixer in names)
+    config.mixer_pairs = tuple(pair for pair in config.mixer_pairs if pair[0] in names)
+
+
 def main(argv=None) -> dict:
     parser = experiment_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, "results JSON path (the plot goes next to it, .png)")
     parser.add_argument("--seed-batching", default="", choices=("", *seed_batching.SEED_BATCHING),
                         help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
     parser.add_argument("--only", nargs="+", default=(), metavar="MIXER",
-                        help="run only the pairs whose linear mixer is named (e.g. mamba2); default: every pair")
+                        help="run only these controls (e.g. attention) and the pairs whose linear mixer is named "
+                             "(e.g. mamba2); default: every control and pair")
+    parser.add_argument("--widths", nargs="+", type=int, default=(), metavar="D",
+                        help="model widths of the compared pairs (default: the preset's)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
     if args.only:
-        known = [linear for linear, _ in config.mixer_pairs]
-        if not set(args.only) <= set(known):
-            raise ValueError(f"--only {args.only}: each name must be the linear mixer of a pair, one of {known}")
-        config.mixer_pairs = tuple(pair for pair in config.mixer_pairs if pair[0] in args.only)
+        select_mixers(config, args.only)
+    if args.widths:
+        config.model.widths = tuple(args.widths)
     if args.seed_batching:
         config.train.seed_batching = args.seed_batching
     check_task(config.task)
@@ -231,15 +268,18 @@ def main(argv=None) -> dict:
     vocab_size = train_tasks[0].tokenizer.vocab_size
     print(f"data: {len(seeds)} x {config.task.train_examples} training + {len(held_out[0])} held-out examples "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
-    runs = []
+    model_configs = list(control_configs(config, vocab_size).values())  # the controls first: they check the recipe
     for linear, loglinear in config.mixer_pairs:
         for width in config.model.widths:
-            for mixer, model_cfg in matched_configs(config, linear, loglinear, width, vocab_size).items():
-                run = train_and_evaluate(model_cfg, config, seeds, train_sets, held_out)
-                runs.append(run)
-                print(f"{mixer:<26} d={width:<4} params {run['num_params']:>9,} mean recall "
-                      f"{100 * np.mean(run['mean_accuracy']):5.1f}%  loss {np.mean(run['final_loss']):.3f}  "
-                      f"wall {run['wall_s']:.1f} s", flush=True)
+            model_configs.extend(matched_configs(config, linear, loglinear, width, vocab_size).values())
+    runs = []
+    for model_cfg in model_configs:
+        run = train_and_evaluate(model_cfg, config, seeds, train_sets, held_out)
+        run["control"] = model_cfg.mixer in config.controls
+        runs.append(run)
+        print(f"{model_cfg.mixer:<26} d={model_cfg.d_model:<4} params {run['num_params']:>9,} mean recall "
+              f"{100 * np.mean(run['mean_accuracy']):5.1f}%  loss {np.mean(run['final_loss']):.3f}  "
+              f"wall {run['wall_s']:.1f} s", flush=True)
     results = {"preset": args.preset, "config": config.to_dict(), "runs": runs,
                "total_wall_s": time.perf_counter() - start}
     table = results_table(runs, config.task.eval_pairs)

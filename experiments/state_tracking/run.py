@@ -7,15 +7,18 @@
 Task (``jaxlm.tasks.permutation``; Merrill et al. 2024; REFERENCE.md §3, §8): the model reads a word of
 uniform A5 elements ``g_1 … g_T`` and predicts at every position the running product ``p_t = p_{t-1} ∘ g_t``
 (a labelled sequence: the products are never inputs). Every step trains on fresh words; the held-out set is
-one fixed draw shared by every seed and model. Reported per (mixer, layers), mean ± std over seeds:
+one fixed draw of full-length words shared by every seed and model. Training follows a length curriculum
+(``task.curriculum``): stage k scores only the first ``n_k`` products, short words first, up to the full
+length. Reported per (mixer, layers), mean ± std over seeds:
 
 - per-position accuracy ``acc_t`` = fraction of held-out words whose product at position t is right;
 - token accuracy = mean of ``acc_t`` over positions; sequence accuracy = fraction of words right at every
   position; tracked length = the number of leading positions with ``acc_t ≥ 0.9``.
 
 Chance is 1/60 per position, except position 1 whose product is its input. The seeds of one (mixer, layers)
-train in one compiled program (``jaxlm.train.seeds``), layers under ``scan_layers``. Writes the JSON
-results to ``--output`` and a plot next to it (same name, .png).
+train in one compiled program (``jaxlm.train.seeds``), layers under ``scan_layers``; progress (steps done,
+minutes) is printed after every jitted call. Writes the JSON results to ``--output`` and a plot next to it
+(same name, .png).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 import numpy as np
 
-from jaxlm.experiment import config_from_args, experiment_parser
+from jaxlm.experiment import config_from_args, experiment_parser, with_progress
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import PaTHOptions
 from jaxlm.train import seeds as seed_batching
@@ -39,18 +42,51 @@ EVAL_SEED = 12345  # the held-out words: one draw, shared by every seed and mode
 TRACKED_ACCURACY = 0.9  # a position counts as tracked when its accuracy reaches this
 
 
-def batch_chunks(task: PermutationTask, steps: int, chunk_steps: int, batch_size: int, seeds: list[int]):
+def check_curriculum(curriculum, seq_len: int) -> None:
+    """ValueError naming ``task.curriculum`` unless it is ``(length, fraction)`` stages with increasing
+    lengths in ``[1, seq_len]``, the last equal to ``seq_len``, and positive fractions summing to 1."""
+    stages = [tuple(stage) for stage in curriculum]
+    lengths = [length for length, _ in stages]
+    fractions = [fraction for _, fraction in stages]
+    valid = (stages and all(len(stage) == 2 for stage in stages) and lengths == sorted(set(lengths))
+             and 0 < lengths[0] and lengths[-1] == seq_len and all(f > 0 for f in fractions)
+             and abs(sum(fractions) - 1) < 1e-6)
+    if not valid:
+        raise ValueError(f"task.curriculum={curriculum!r}: expected (length, fraction) stages with increasing "
+                         f"lengths, the last equal to task.seq_len={seq_len}, and positive fractions summing to 1")
+
+
+def scored_lengths(curriculum, num_calls: int, seq_len: int) -> list[int]:
+    """The scored prefix length of every jitted call: call ``c`` is in the first stage ``k`` whose cumulative
+    fraction ``f_1 + … + f_k`` (times ``num_calls``, rounded to whole calls) exceeds ``c``; ``seq_len`` for
+    every call without a curriculum (empty or None)."""
+    if not curriculum:
+        return [seq_len] * num_calls
+    bounds = np.cumsum([fraction for _, fraction in curriculum]) * num_calls  # [stages] end call of each stage
+    stage_of_call = np.searchsorted(np.round(bounds), np.arange(num_calls), side="right")  # [calls]
+    lengths = [length for length, _ in curriculum]
+    return [lengths[min(stage, len(lengths) - 1)] for stage in stage_of_call]
+
+
+def batch_chunks(task: PermutationTask, steps: int, chunk_steps: int, batch_size: int, seeds: list[int],
+                 curriculum=None):
     """Chunks of ``chunk_steps`` batches ``{"tokens", "targets", "loss_mask"}: [K, S, B, T]`` of fresh words.
 
-    Seed ``s`` draws its words from ``default_rng([s, 1])``; every position is scored.
+    Seed ``s`` draws its words from ``default_rng([s, 1])``. Without a curriculum every position is scored;
+    with one, a call scores the first ``n`` positions, ``n`` from ``scored_lengths``. For a causal model the
+    loss on the prefix ``p_1 … p_n`` of a length-T word is the loss on the word ``g_1 … g_n``: training on
+    short words first, without a new compiled shape per stage.
     """
+    lengths = scored_lengths(curriculum, steps // chunk_steps, task.seq_len)
     rngs = [np.random.default_rng([seed, 1]) for seed in seeds]
-    for _ in range(0, steps, chunk_steps):
+    positions = np.arange(task.seq_len)  # [T]
+    for length in lengths:
         words = [task.sample_batch(rng, chunk_steps * batch_size) for rng in rngs]  # S x ([K·B, T], [K·B, T])
         tokens = np.stack([w[0] for w in words], axis=0).reshape(len(seeds), chunk_steps, batch_size, -1)
         targets = np.stack([w[1] for w in words], axis=0).reshape(len(seeds), chunk_steps, batch_size, -1)
+        loss_mask = np.broadcast_to(positions < length, tokens.shape).astype(np.float32)  # [S, K, B, T]
         yield {"tokens": np.swapaxes(tokens, 0, 1), "targets": np.swapaxes(targets, 0, 1),
-               "loss_mask": np.ones(tokens.shape, np.float32).swapaxes(0, 1)}  # [K, S, B, T]
+               "loss_mask": np.swapaxes(loss_mask, 0, 1)}  # [K, S, B, T]
 
 
 def tracking_accuracy(predictions: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
@@ -87,14 +123,19 @@ def train_and_evaluate(model_cfg: ModelConfig, config, seeds: list[int], task: P
     trainer = seed_batching.make_trainer(model, train)
     eval_words, eval_products = held_out
     eval_tokens = eval_words.reshape(-1, config.task.eval_batch_size, config.task.seq_len)  # [E, Be, T]
+    curriculum = config.task.get("curriculum")
+    chunks = batch_chunks(task, train.steps, chunk_steps, train.batch_size, seeds, curriculum)
+    label = f"{model_cfg.mixer} layers {model_cfg.num_layers}"
     losses, predictions = seed_batching.train_seeds(
-        model, trainer, batch_chunks(task, train.steps, chunk_steps, train.batch_size, seeds), eval_tokens)
+        model, trainer, with_progress(chunks, label, train.steps, chunk_steps), eval_tokens)
+    lengths = scored_lengths(curriculum, len(predictions), task.seq_len)
     curve = []
     for call, prediction in enumerate(predictions):
         prediction = seed_batching.predictions_by_seed(prediction)  # [S, N, T]
         accuracy = tracking_accuracy(prediction, eval_products)
-        curve.append({"step": (call + 1) * chunk_steps, "token": accuracy["token"].tolist(),
-                      "sequence": accuracy["sequence"].tolist()})
+        curve.append({"step": (call + 1) * chunk_steps, "scored_length": lengths[call],
+                      "token": accuracy["token"].tolist(), "sequence": accuracy["sequence"].tolist(),
+                      "tracked_length": accuracy["tracked_length"].tolist()})
     final = tracking_accuracy(seed_batching.predictions_by_seed(predictions[-1]), eval_products)
     return {
         "mixer": model_cfg.mixer, "num_layers": model_cfg.num_layers, "num_params": model.num_params,
@@ -155,10 +196,20 @@ def main(argv=None) -> dict:
     parser = experiment_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, "results JSON path (the plot goes next to it, .png)")
     parser.add_argument("--seed-batching", default="", choices=("", *seed_batching.SEED_BATCHING),
                         help="run the seeds of one call one after the other (map) or batched (vmap); '': the preset's")
+    parser.add_argument("--mixers", nargs="+", default=(), choices=("attention", "path"),
+                        help="mixers to run (default: the preset's)")
+    parser.add_argument("--layers", nargs="+", type=int, default=(), metavar="L",
+                        help="numbers of layers to run (default: the preset's)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
+    if args.mixers:
+        config.mixers = tuple(args.mixers)
+    if args.layers:
+        config.layers = tuple(args.layers)
     if args.seed_batching:
         config.train.seed_batching = args.seed_batching
+    if config.task.get("curriculum"):
+        check_curriculum(config.task.curriculum, config.task.seq_len)
     if (config.task.eval_examples % config.task.eval_batch_size) != 0:
         raise ValueError(f"task.eval_batch_size={config.task.eval_batch_size} must divide task.eval_examples="
                          f"{config.task.eval_examples}")

@@ -43,6 +43,33 @@ def test_recall_accuracy_counts_queried_values_per_pair_count():
     np.testing.assert_allclose(accuracy, [[1, 1, 1], [1, 1, 13 / 16]])
 
 
+def test_random_values_score_chance_and_shifted_answers_score_nothing():
+    run = load_script()
+    task_config = preset_config(run.DEFAULT_CONFIG, "cpu").task
+    ids, answer_mask, pairs = run.held_out_set(task_config)
+    task = run.mqar_task(task_config, 1)
+    rng = np.random.default_rng(0)
+    guesses = rng.integers(task.first_value_id, task.first_value_id + task_config.num_values, size=ids[:, 1:].shape)
+    accuracy = run.recall_accuracy(guesses[None], ids, answer_mask, pairs, task_config.eval_pairs)[0]  # [P]
+    scored = np.array([answer_mask[pairs == p].sum() for p in task_config.eval_pairs])  # answers per pair count
+    chance = 1 / task_config.num_values
+    assert (np.abs(accuracy - chance) < 4 * np.sqrt(chance * (1 - chance) / scored)).all()
+    # the right answers one position late (a prediction read at the wrong place) are never right
+    expected = np.stack([run.mqar_task(task_config, int(p)).answers(row) for row, p in zip(ids, pairs)])  # [N, T+1]
+    late = np.where(expected[:, :-1] >= 0, expected[:, :-1], 0)  # [N, T]: the answer of position t at t + 1
+    assert (run.recall_accuracy(late[None], ids, answer_mask, pairs, task_config.eval_pairs) == 0).all()
+
+
+def test_only_selects_controls_and_pairs_by_name():
+    run = load_script()
+    config = preset_config(run.DEFAULT_CONFIG, "gpu")
+    run.select_mixers(config, ["attention", "gated_deltanet"])
+    assert config.controls == ("attention",)
+    assert config.mixer_pairs == (("gated_deltanet", "loglinear_gated_deltanet"),)
+    with pytest.raises(ValueError, match="'loglinear_mamba2'"):
+        run.select_mixers(preset_config(run.DEFAULT_CONFIG, "gpu"), ["loglinear_mamba2"])
+
+
 def test_batches_score_exactly_the_queried_values():
     run = load_script()
     task_config = preset_config(run.DEFAULT_CONFIG, "smoke").task
@@ -65,8 +92,9 @@ def test_smoke_run_writes_matched_runs_and_consistent_accuracies(smoke):
     saved = json.loads(output.read_text())
     assert output.with_suffix(".png").stat().st_size > 0
     runs = saved["runs"]
-    assert [(r["mixer"], r["width"]) for r in runs] == [("mamba2", 16), ("loglinear_mamba2", 16)]
-    linear, loglinear = runs
+    assert [(r["mixer"], r["width"], r["control"]) for r in runs] == [
+        ("attention", 16, True), ("mamba2", 16, False), ("loglinear_mamba2", 16, False)]
+    linear, loglinear = runs[1:]
     assert linear["mlp_dim"] > loglinear["mlp_dim"]  # the linear model's SwiGLU absorbs the λ parameters
     assert abs(linear["num_params"] - loglinear["num_params"]) <= 3 * 16  # within one hidden unit
     for run in runs:
@@ -76,7 +104,7 @@ def test_smoke_run_writes_matched_runs_and_consistent_accuracies(smoke):
         assert [point["step"] for point in run["curve"]] == [2, 4]
         assert run["curve"][-1]["accuracy"] == run["accuracy"]
         assert all(np.isfinite(run["final_loss"]))
-    assert results["runs"][0]["num_params"] == linear["num_params"]
+    assert results["runs"][1]["num_params"] == linear["num_params"]
 
 
 def test_bad_pair_count_is_named():

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "state_tracking" / "run.py"
 
@@ -46,6 +47,35 @@ def test_batches_pair_words_with_their_running_products():
             np.testing.assert_array_equal(task.running_products(word), products)
 
 
+def test_curriculum_stages_cover_the_calls_in_order():
+    run = load_script()
+    curriculum = ((4, 0.1), (8, 0.15), (16, 0.25), (32, 0.5))
+    run.check_curriculum(curriculum, 32)
+    # 20 calls: stage ends at 2, 5, 10 and 20 calls (cumulative fractions 0.1, 0.25, 0.5, 1)
+    assert run.scored_lengths(curriculum, 20, 32) == [4] * 2 + [8] * 3 + [16] * 5 + [32] * 10
+    assert run.scored_lengths(((3, 1.0),), 4, 3) == [3] * 4
+    assert run.scored_lengths((), 3, 9) == [9] * 3  # no curriculum: every position from the start
+    for bad in (((8, 0.5), (4, 0.5)), ((4, 0.5), (16, 0.5)), ((4, 0.5), (32, 0.6)), ((4, 0.0), (32, 1.0)), ()):
+        with pytest.raises(ValueError, match="task.curriculum"):
+            run.check_curriculum(bad, 32)
+
+
+def test_curriculum_batches_score_only_the_stage_prefix():
+    run = load_script()
+    from jaxlm.tasks.permutation import PermutationTask
+
+    task = PermutationTask("a5", seq_len=7)
+    curriculum = ((2, 0.25), (5, 0.25), (7, 0.5))
+    chunks = list(run.batch_chunks(task, steps=8, chunk_steps=2, batch_size=3, seeds=[0, 1], curriculum=curriculum))
+    scored = [chunk["loss_mask"].sum(axis=-1) for chunk in chunks]  # [K, S, B] scored positions per word
+    for chunk_scored, length in zip(scored, (2, 5, 7, 7)):
+        assert (chunk_scored == length).all()
+    first = chunks[0]["loss_mask"][0, 0, 0]  # [T]
+    np.testing.assert_array_equal(first, [1, 1, 0, 0, 0, 0, 0])  # the prefix, not any other positions
+    plain = next(run.batch_chunks(task, steps=8, chunk_steps=2, batch_size=3, seeds=[0, 1]))
+    np.testing.assert_array_equal(plain["tokens"], chunks[0]["tokens"])  # the curriculum changes only the mask
+
+
 def test_smoke_run_writes_results_and_plot(tmp_path):
     run = load_script()
     output = tmp_path / "results.json"
@@ -61,5 +91,6 @@ def test_smoke_run_writes_results_and_plot(tmp_path):
         np.testing.assert_allclose(entry["token"], per_position.mean(axis=1))
         assert all(s <= t for s, t in zip(entry["sequence"], entry["token"]))
         assert [point["step"] for point in entry["curve"]] == [2, 4]
+        assert [point["scored_length"] for point in entry["curve"]] == [2, 6]  # the smoke curriculum
         assert all(np.isfinite(entry["final_loss"]))
     assert results["runs"][1]["mixer"] == "path"
