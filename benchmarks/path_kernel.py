@@ -99,7 +99,7 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
     for variant in variants:
         block, num_warps, num_stages = (int(x) for x in variant.split(":"))
         try:
-            precompute = jax.jit(lambda *x: kernel_layout(*x, block))
+            precompute = jax.jit(lambda *x: kernel_layout(*x, block, "xla"))
             kernel_inputs = precompute(q, k, v, w, beta)
             kernel = jax.jit(lambda *x: path_forward(*x, block=block, scale=dim ** -0.5,
                                                      num_warps=num_warps or None, num_stages=num_stages or None))
@@ -118,15 +118,11 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
 
 def pallas_preprocess_ms(k, w, beta, block: int, timed: dict) -> float:
     """Milliseconds of the Pallas preprocessing kernel (𝒯, carried keys, block products) on padded inputs."""
-    from jaxlm.ops.path_blockwise import to_blocks
+    from pallas_kernels.path.api import padded_time_major
     from pallas_kernels.path.kernel_prep import path_preprocess
 
-    def padded(x):
-        return to_blocks(x, block).reshape(x.shape[0], -1, *x.shape[2:])
-
-    prep = jax.jit(lambda k, w, beta: path_preprocess(padded(k), padded(w), padded(beta.astype(jnp.float32)),
-                                                      block=block))
-    return 1e3 * median_seconds(lambda: prep(k, w, beta), **timed)
+    prep = jax.jit(lambda *x: path_preprocess(*(padded_time_major(a, block) for a in x), block=block))
+    return 1e3 * median_seconds(lambda: prep(k, w, beta.astype(jnp.float32)), **timed)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ import pytest
 from jax import enable_x64
 
 from jaxlm.ops.path_blockwise import block_products, keys_to_block_end, to_blocks, ut_transform
+from pallas_kernels.path.api import padded_time_major, path_attention_pallas
 from pallas_kernels.path.kernel_prep import path_preprocess
 
 
@@ -35,16 +36,12 @@ def float64_terms(k, w, beta, block):
                 np.asarray(jnp.moveaxis(products, 2, 1).reshape(batch, groups, num_blocks * dim, dim)))
 
 
-def padded(x, block):
-    return to_blocks(x, block).reshape(x.shape[0], -1, *x.shape[2:])
-
-
 @pytest.mark.parametrize("batch, length, groups, block, sub_block", [(2, 40, 2, 32, 16), (1, 50, 1, 64, 16)])
 def test_preprocess_matches_float64_block_terms(batch, length, groups, block, sub_block):
     k, w, beta = random_block_inputs(length, batch, length, groups, 16)
     expected = float64_terms(k, w, beta, block)
-    actual = path_preprocess(padded(jnp.asarray(k, jnp.float32), block), padded(jnp.asarray(w, jnp.float32), block),
-                             padded(jnp.asarray(beta, jnp.float32), block), block=block, sub_block=sub_block)
+    actual = path_preprocess(padded_time_major(jnp.asarray(k, jnp.float32), block), padded_time_major(jnp.asarray(w, jnp.float32), block),
+                             padded_time_major(jnp.asarray(beta, jnp.float32), block), block=block, sub_block=sub_block)
     for name, got, want in zip(("transform", "carried keys", "products"), actual, expected):
         scale = np.max(np.abs(want))
         np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5 * scale, rtol=0, err_msg=name)
@@ -67,3 +64,15 @@ def test_preprocess_rejects_partial_blocks_and_bad_sub_blocks():
         path_preprocess(x, x, jnp.zeros((1, 48, 1)), block=32)
     with pytest.raises(ValueError, match="sub_block"):
         path_preprocess(x, x, jnp.zeros((1, 48, 1)), block=48, sub_block=12)
+
+
+def test_attention_with_kernel_preprocessing_equals_xla_preprocessing():
+    k, w, beta = random_block_inputs(3, 1, 40, 1, 16)
+    rng = np.random.default_rng(4)
+    q, v = (jnp.asarray(rng.normal(size=(1, 40, 2, 16)), jnp.float32) for _ in range(2))
+    k, w, v1 = jnp.asarray(k, jnp.float32), jnp.asarray(w, jnp.float32), v[:, :, :1]
+    outputs = [path_attention_pallas(q, k, v1, w, jnp.asarray(beta, jnp.float32), block_size=16, preprocess=where)
+               for where in ("xla", "kernel")]
+    np.testing.assert_allclose(np.asarray(outputs[1]), np.asarray(outputs[0]), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="preprocess"):
+        path_attention_pallas(q, k, v1, w, jnp.asarray(beta, jnp.float32), preprocess="cuda")
