@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.path.kernel_fwd import kernel_precision, optional_specs
 from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, compiler_params, contract, dot,
                                                    dot_transposed_rhs, gated_logits, identity, logit_cotangent,
                                                    resolve_interpret)
@@ -83,7 +84,7 @@ def path_backward_keys(queries, intra, keys, values, products, d_out, logsumexp,
     groups = keys.shape[1]
     heads_per_group = heads // groups
     num_blocks = length // block
-    precision = jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    precision = kernel_precision(keys.dtype)
     kernel = functools.partial(_key_kernel, block=block, dim=dim, num_blocks=num_blocks, scale=scale,
                                precision=precision, with_gate=gate is not None, with_segments=segments is not None)
 
@@ -112,11 +113,8 @@ def path_backward_keys(queries, intra, keys, values, products, d_out, logsumexp,
         pl.BlockSpec((None, None, length), whole_vector),
         pl.BlockSpec((None, None, length), whole_vector),
     ]
-    optional = [x for x in (gate, segments) if x is not None]
-    if gate is not None:
-        in_specs.append(pl.BlockSpec((None, None, length), whole_vector))
-    if segments is not None:
-        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    extra_specs, optional = optional_specs(gate, segments, length, whole_vector)
+    in_specs += extra_specs
     interpret = resolve_interpret(interpret)
     return pl.pallas_call(
         kernel,

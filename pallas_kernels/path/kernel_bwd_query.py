@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.path.kernel_fwd import kernel_precision, optional_specs
 from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, compiler_params, contract, dot,
                                                    dot_transposed_rhs, gated_logits, logit_cotangent,
                                                    resolve_interpret)
@@ -147,7 +148,7 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
     groups = keys.shape[1]
     heads_per_group = heads // groups
     num_blocks = length // block
-    precision = jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    precision = kernel_precision(keys.dtype)
     kernel = functools.partial(_query_kernel, block=block, dim=dim, superblock=superblock, scale=scale,
                                precision=precision, with_gate=gate is not None, with_segments=segments is not None)
     suffixes, superblock_products = superblock_suffixes(products, superblock)
@@ -173,11 +174,8 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
         pl.BlockSpec((None, None, block), query_vector),
         pl.BlockSpec((None, None, block), query_vector),
     ]
-    optional = [x for x in (gate, segments) if x is not None]
-    if gate is not None:
-        in_specs.append(pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0)))
-    if segments is not None:
-        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    extra_specs, optional = optional_specs(gate, segments, length, lambda b, h, i: (b, h, 0))
+    in_specs += extra_specs
     products_spec = pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head)
     in_specs.append(products_spec)
     zeros = jnp.zeros(products.shape, jnp.float32)  # the atomically accumulated dP starts here

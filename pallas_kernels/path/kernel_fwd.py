@@ -40,6 +40,24 @@ from pallas_kernels.registry import backend, interpret_mode
 from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs
 
 
+def kernel_precision(dtype) -> jax.lax.Precision:
+    """Precision of the kernels' float32 products: full float32 for float32 inputs, TF32 for bf16 ones."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def optional_specs(gate, segments, length: int, gate_index) -> tuple[list, list]:
+    """``(BlockSpecs, operands)`` of the optional forget gate ``[B, H, T']`` (whole rows, ``gate_index(b, h, i)``)
+    and segment ids ``[B, T']`` (one batch row), in that order; absent ones are left out."""
+    specs, operands = [], []
+    if gate is not None:
+        specs.append(pl.BlockSpec((None, None, length), gate_index))
+        operands.append(gate)
+    if segments is not None:
+        specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+        operands.append(segments)
+    return specs, operands
+
+
 def _own_block_terms(q, k, w, transform, precision):
     """(intra-block logits ``S = Q Kᵀ − A_q 𝒯 A_k`` ``[C, C]``, queries at the block start
     ``Q̄ = Q − A_q 𝒯 W`` ``[C, D]``), float32, from the block's ``q, k, w [C, D]`` and ``transform [C, C]``."""
@@ -123,7 +141,7 @@ def path_forward(q, raw_keys, directions, transform, keys, values, products, gat
     groups = keys.shape[1]
     heads_per_group = heads // groups
     num_blocks = length // block
-    precision = jax.lax.Precision.HIGHEST if keys.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    precision = kernel_precision(keys.dtype)
     kernel = functools.partial(_forward_kernel, block=block, dim=dim, num_blocks=num_blocks, scale=scale,
                                precision=precision, with_gate=gate is not None, with_segments=segments is not None)
 
@@ -145,11 +163,8 @@ def path_forward(q, raw_keys, directions, transform, keys, values, products, gat
         pl.BlockSpec((None, None, length, dim), whole_kv_head),
         pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head),
     ]
-    optional = [x for x in (gate, segments) if x is not None]
-    if gate is not None:
-        in_specs.append(pl.BlockSpec((None, None, length), lambda b, h, i: (b, h, 0)))
-    if segments is not None:
-        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    extra_specs, optional = optional_specs(gate, segments, length, lambda b, h, i: (b, h, 0))
+    in_specs += extra_specs
     interpret = interpret_mode() if interpret is None else interpret
     compiler_params = None
     if not interpret and backend() == "gpu" and (num_warps or num_stages):

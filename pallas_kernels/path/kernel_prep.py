@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.path.kernel_fwd import kernel_precision
 from pallas_kernels.ssd.common import contract, dot_transposed_rhs, launch_options
 from pallas_kernels.triangular import (blocked_unit_lower_inverse, identity_matrix, store_lower_blocks,
                                        strictly_lower_mask)
@@ -83,7 +84,7 @@ def path_preprocess(k: jax.Array, w: jax.Array, beta: jax.Array, *, block: int, 
                          f"{sub_block} a power of two >= 16 dividing the block")
     num_blocks = length // block
     carried_dtype = k.dtype if carried_dtype is None else carried_dtype
-    precision = jax.lax.Precision.HIGHEST if k.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    precision = kernel_precision(k.dtype)
     kernel = functools.partial(_preprocess_kernel, block=block, sub_block=sub_block, precision=precision)
     token_block = pl.BlockSpec((None, block, None, dim), lambda b, g, n: (b, n, g, 0))
     return pl.pallas_call(
