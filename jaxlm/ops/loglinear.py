@@ -12,9 +12,10 @@ Shapes: ``q, k: [B, T, G, K]``, ``v: [B, T, H, V]`` (head h reads group ``h // (
 ``log_a, beta: [B, T, H]``, ``lam: [B, T, H, L]`` with ``L >= num_levels(T) = ceil(log2 T) + 1`` (extra
 columns are ignored). Implementations: ``"recurrent"`` (a scan over time carrying the Fenwick level stack
 ``[B, H, L, K, V]`` float32, the readable reference), ``"chunked"`` (``loglinear_chunks``, O(T log T)),
-``"auto"`` (= chunked for now), ``"pallas"`` (``pallas_kernels.loglinear``, log-linear SSD only: Pallas forward
-kernels with the Fenwick levels fused into one pass over the chunks, interpret mode on CPU; the kernels choose
-their own chunk per backend; no segment ids). The decode steps update the level stack.
+``"auto"`` (= chunked for now), ``"pallas"`` (``pallas_kernels.loglinear`` for log-linear SSD,
+``pallas_kernels.loglinear_gdn`` for log-linear Gated DeltaNet: Pallas forward kernels with the Fenwick levels
+fused into one pass over the chunks, interpret mode on CPU; the kernels choose their own chunk per backend; no
+segment ids). The decode steps update the level stack.
 """
 
 from __future__ import annotations
@@ -241,14 +242,16 @@ def _loglinear(name, q, k, v, log_a, beta, lam, impl, chunk_size, segment_ids):
 
 
 def _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids):
-    """``impl="pallas"``: log-linear SSD on ``pallas_kernels.loglinear`` (grouped heads passed as they are)."""
-    if beta is not None:
-        raise NotImplementedError(f"{name}: impl='pallas' is not available: the Pallas kernel is not built yet "
-                                  "for log-linear Gated DeltaNet, only for log-linear SSD (use 'chunked', 'auto' or "
-                                  "'recurrent')")
+    """``impl="pallas"``: ``pallas_kernels.loglinear`` (SSD) or ``pallas_kernels.loglinear_gdn`` (Gated DeltaNet),
+    grouped heads passed as they are."""
     if segment_ids is not None:
         raise ValueError(f"{name}(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
                          "impl='chunked' (or 'auto') for packed sequences")
+    if beta is not None:
+        from pallas_kernels.loglinear_gdn import loglinear_gated_delta_rule_pallas  # XLA impls do not need it
+
+        lam = lam[..., :num_levels(q.shape[1])]
+        return loglinear_gated_delta_rule_pallas(q, k, v, log_a, beta, lam).astype(v.dtype)
     from pallas_kernels.loglinear import loglinear_ssd_pallas  # imported here: the XLA impls do not need it
 
     return loglinear_ssd_pallas(q, k, v, log_a, lam[..., :num_levels(q.shape[1])]).astype(v.dtype)

@@ -63,7 +63,7 @@ def _gdn(q, k, v, log_a, beta, initial_state, blocks):
     return _gdn_forward(q, k, v, log_a, beta, initial_state, blocks, store_inverse=False)[0]
 
 
-def _within_chunk_gates(log_a: jax.Array, chunk: int, padding: int) -> jax.Array:
+def within_chunk_gates(log_a: jax.Array, chunk: int, padding: int) -> jax.Array:
     """``g``: inclusive cumulative sums of ``log_a [B, T, H]`` within each chunk, padded: ``[B, T', H]`` float32."""
     log_a = pad_time(log_a.astype(jnp.float32), padding)  # [B, T', H]
     batch, padded, heads = log_a.shape
@@ -80,7 +80,7 @@ def _gdn_forward(q, k, v, log_a, beta, initial_state, blocks, *, store_inverse: 
     padding = -length % chunk
     q, k, v = (pad_time(x, padding) for x in (q, k, v))  # [B, T', G|H, D]
     beta = pad_time(beta.astype(jnp.float32), padding)  # [B, T', H]
-    cum = _within_chunk_gates(log_a, chunk, padding)  # [B, T', H]
+    cum = within_chunk_gates(log_a, chunk, padding)  # [B, T', H]
     w, u0, decayed_keys, *inverse = ut_transform(
         k, v, beta, cum, chunk=chunk, sub_block=blocks.sub_block, num_warps=blocks.transform_warps,
         store_inverse=store_inverse, float32_dots=blocks.transform_float32_dots)  # [B, T', H, K|V|K], [X [B, T', H, C]]

@@ -338,7 +338,7 @@ def test_bad_inputs_raise_clear_errors():
         loglinear_ssd(q, k, v, log_a, lam[..., :5])
     with pytest.raises(ValueError, match="power of two"):
         loglinear_ssd(q, k, v, log_a, lam, chunk_size=24)
-    with pytest.raises(NotImplementedError, match="loglinear_gated_delta_rule.*Pallas kernel is not built yet"):
+    with pytest.raises(ValueError, match="loglinear_gated_delta_rule pallas kernel: key_dim=4 must be a power of two"):
         loglinear_gated_delta_rule(q, k, v, log_a, beta, lam, impl="pallas")
     with pytest.raises(ValueError, match="impl='fast' is not one of"):
         loglinear_ssd(q, k, v, log_a, lam, impl="fast")

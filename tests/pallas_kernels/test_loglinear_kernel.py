@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.ops.loglinear import loglinear_gated_delta_rule, loglinear_ssd
+from jaxlm.ops.loglinear import loglinear_ssd
 from pallas_kernels.loglinear import LogLinearBlocks, loglinear_blocks, loglinear_ssd_pallas
 from pallas_kernels.loglinear.api import level_inputs
 from pallas_kernels.loglinear.kernel_fwd import level_states
@@ -143,5 +143,3 @@ def test_unsupported_inputs_raise_clear_errors():
                                                                           output_value_block=16, backward="xla"))
     with pytest.raises(ValueError, match="segment_ids are not supported by the Pallas kernels"):
         loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=jnp.zeros((1, 20), jnp.int32))
-    with pytest.raises(NotImplementedError, match="only for log-linear SSD"):
-        loglinear_gated_delta_rule(q, k, v, log_a, -log_a, lam, impl="pallas")
