@@ -7,12 +7,13 @@ ml_collections ConfigDict); its variants are a base model dict plus a few change
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import pathlib
 import sys
 import time
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from jaxlm.models.config import ModelConfig
 
@@ -85,3 +86,14 @@ def with_progress(chunks, label: str, steps: int, chunk_steps: int):
             print(f"  {label}: step {call * chunk_steps}/{steps}, {(time.perf_counter() - start) / 60:.2f} min",
                   flush=True)
         yield chunk
+
+
+def write_results(results: dict, output: str | None, plot: Callable[[pathlib.Path], None]) -> None:
+    """Write ``results`` as JSON to ``output`` (parents created) and ``plot(path)`` the figure next to it as
+    ``.png``; nothing when ``output`` is empty or None."""
+    if not output:
+        return
+    path = pathlib.Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    plot(path.with_suffix(".png"))

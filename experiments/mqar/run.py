@@ -28,13 +28,12 @@ JSON results to ``--output`` and a plot next to it (same name, .png).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
 import numpy as np
 
-from jaxlm.experiment import config_from_args, experiment_parser, with_progress
+from jaxlm.experiment import config_from_args, experiment_parser, with_progress, write_results
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import GatedDeltaNetOptions, Mamba2Options
 from jaxlm.train import seeds as seed_batching
@@ -285,11 +284,7 @@ def main(argv=None) -> dict:
     table = results_table(runs, config.task.eval_pairs)
     print(f"\nrecall accuracy (%), mean ± std over {len(seeds)} seeds; total wall {results['total_wall_s']:.1f} s")
     print(table)
-    if args.output:
-        output = pathlib.Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=1))
-        plot(runs, output.with_suffix(".png"))
+    write_results(results, args.output, lambda path: plot(runs, path))
     return results
 
 

@@ -23,13 +23,12 @@ minutes) is printed after every jitted call. Writes the JSON results to ``--outp
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
 import numpy as np
 
-from jaxlm.experiment import config_from_args, experiment_parser, with_progress
+from jaxlm.experiment import config_from_args, experiment_parser, with_progress, write_results
 from jaxlm.models import ModelConfig
 from jaxlm.models.mixer_options import PaTHOptions
 from jaxlm.train import seeds as seed_batching
@@ -231,11 +230,7 @@ def main(argv=None) -> dict:
     print(f"\n{config.task.group.upper()} word problems of length {config.task.seq_len}, mean ± std over "
           f"{len(seeds)} seeds; total wall {results['total_wall_s']:.1f} s")
     print(results_table(runs, config.task.seq_len))
-    if args.output:
-        output = pathlib.Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=1))
-        plot(runs, output.with_suffix(".png"))
+    write_results(results, args.output, lambda path: plot(runs, path))
     return results
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from jaxlm.ops.path_blockwise import MASKED_LOGIT
-from pallas_kernels.registry import backend, interpret_mode
 from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs  # noqa: F401 - the kernels' products
 
 
@@ -51,18 +49,6 @@ def causal_mask(block: int) -> jax.Array:
     rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     return rows >= cols
-
-
-def resolve_interpret(interpret):
-    """None: interpret mode on CPU only."""
-    return interpret_mode() if interpret is None else interpret
-
-
-def compiler_params(interpret, num_warps: int | None, num_stages: int | None):
-    """Triton settings on a GPU backend (None elsewhere or when both are Pallas' defaults)."""
-    if interpret or backend() != "gpu" or not (num_warps or num_stages):
-        return None
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def block_rows(index, size: int):

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, contract, dot, dot_transposed_rhs,
+                                                   gated_logits, identity, logit_cotangent)
 from pallas_kernels.path.kernel_fwd import kernel_precision, optional_specs
-from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, compiler_params, contract, dot,
-                                                   dot_transposed_rhs, gated_logits, identity, logit_cotangent,
-                                                   resolve_interpret)
+from pallas_kernels.ssd.common import launch_options
 
 
 def _key_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, precision, with_gate: bool,
@@ -115,7 +115,6 @@ def path_backward_keys(queries, intra, keys, values, products, d_out, logsumexp,
     ]
     extra_specs, optional = optional_specs(gate, segments, length, whole_vector)
     in_specs += extra_specs
-    interpret = resolve_interpret(interpret)
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_blocks),
@@ -128,7 +127,6 @@ def path_backward_keys(queries, intra, keys, values, products, d_out, logsumexp,
         out_shape=[jax.ShapeDtypeStruct((batch, heads, length, dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, length, dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
-        interpret=interpret,
-        compiler_params=compiler_params(interpret, num_warps, num_stages),
+        **launch_options(interpret, num_warps, num_stages),
         name="path_backward_keys",
     )(queries, intra, keys, values, products, d_out, logsumexp, delta, *optional)

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, contract, dot, dot_transposed_rhs,
+                                                   gated_logits, logit_cotangent)
 from pallas_kernels.path.kernel_fwd import kernel_precision, optional_specs
-from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, compiler_params, contract, dot,
-                                                   dot_transposed_rhs, gated_logits, logit_cotangent,
-                                                   resolve_interpret)
+from pallas_kernels.ssd.common import launch_options
 
 
 def _query_kernel(*refs, block: int, dim: int, superblock: int, scale: float, precision, with_gate: bool,
@@ -179,7 +179,6 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
     products_spec = pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head)
     in_specs.append(products_spec)
     zeros = jnp.zeros(products.shape, jnp.float32)  # the atomically accumulated dP starts here
-    interpret = resolve_interpret(interpret)
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_blocks),
@@ -195,8 +194,7 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
                    jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
                    jax.ShapeDtypeStruct(products.shape, jnp.float32)],
         input_output_aliases={10 + len(optional): 3},
-        interpret=interpret,
-        compiler_params=compiler_params(interpret, num_warps, num_stages),
+        **launch_options(interpret, num_warps, num_stages),
         name="path_backward_queries",
     )(queries, intra, keys, values, products, suffixes, superblock_products, d_out, logsumexp, delta, *optional,
       zeros)

@@ -33,11 +33,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from jaxlm.ops.path_blockwise import MASKED_LOGIT
-from pallas_kernels.registry import backend, interpret_mode
-from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs
+from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs, launch_options
 
 
 def kernel_precision(dtype) -> jax.lax.Precision:
@@ -165,10 +163,6 @@ def path_forward(q, raw_keys, directions, transform, keys, values, products, gat
     ]
     extra_specs, optional = optional_specs(gate, segments, length, lambda b, h, i: (b, h, 0))
     in_specs += extra_specs
-    interpret = interpret_mode() if interpret is None else interpret
-    compiler_params = None
-    if not interpret and backend() == "gpu" and (num_warps or num_stages):
-        compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_blocks),
@@ -179,7 +173,6 @@ def path_forward(q, raw_keys, directions, transform, keys, values, products, gat
         ],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, length, dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, num_blocks, block), jnp.float32)],
-        interpret=interpret,
-        compiler_params=compiler_params,
+        **launch_options(interpret, num_warps, num_stages),
         name="path_forward",
     )(q, raw_keys, directions, transform, keys, values, products, *optional)
