@@ -37,7 +37,7 @@ class GDNBlocks:
     state_stages: int = 3
     output_warps: int = 4
     grad_value_block: int | None = None  # None: the whole value dim
-    grad_warps: int = 8
+    grad_warps: int = 4
     transform_float32_dots: str = "ieee"
     grad_float32_dots: str = "tf32x3"
     backward: str = "kernels"
@@ -62,8 +62,9 @@ def gdn_blocks(key_dim: int, value_dim: int, chunk_size: int | None = None) -> G
     # pipelining stages ran the sequential pass in 0.47 ms (32: 0.49, 64: 0.64; 1 stage: 0.72-0.92); one
     # 128-column output block 0.27 ms (64: 0.29); 4 warps beat 2 and 8 in every kernel. The per-chunk gradient
     # kernel's first form (five [C, K|C] float32 sums live at once, 64-column steps, 4 warps, IEEE float32
-    # products) took fwd+bwd to 17.1 ms (XLA per-chunk VJP: 10.6): it now keeps two [C, K] and two [C, C] sums,
-    # walks 32 columns at a time on 8 warps with TF32x3 float32 products (untimed; tune on the device).
+    # products) took fwd+bwd to 17.1 ms (XLA per-chunk VJP: 10.6); one kernel with TF32x3 products walking
+    # 32 columns 6.6 ms alone on 4 warps (7.9 on 8). Split in two (kernel_chunk_bwd), the value half took
+    # 3.0 / 1.8 / 1.6 ms with 32- / 64- / 128-column steps on 4 warps (3.9 ms on 8 warps at 32), the key half
+    # 1.5 ms (4 or 8 warps).
     return GDNBlocks(chunk=chunk, state_value_block=min(value_dim, 16), output_value_block=min(value_dim, 128),
-                     grad_value_block=min(value_dim, 32))
-
+                     grad_value_block=min(value_dim, 128), grad_warps=4)

@@ -24,13 +24,18 @@ and ``d log_a_i = Σ_{j ≥ i} dg_j`` within the chunk (``g`` is the inclusive c
 Every input of chunk n reaches the loss only through ``(O, S')``, so these are the whole sequence's gradients
 (the entering states' own cotangents are ``kernel_bwd``'s).
 
-``chunk_grads``: one program per (batch, head, chunk). ``dY = Xᵀ dU`` and what depends on it are computed
-``value_block`` columns at a time (each block's ``dU``, ``dY``, ``V'`` live only for that block), accumulating in
-float32 ``dY Uᵀ`` ``[C, C]``, ``−γ ⊙ dV Sᵀ`` ``[C, K]`` and per-row β and gate terms (the gate terms of the state
-products come from the products the block computes anyway: ``γ_i k_i·(dV Sᵀ)_i = Σ_v dV_iv ((γ ⊙ K) S)_iv``,
-``k̃_i·(U dS'ᵀ)_i = Σ_v U_iv (K̃ dS')_iv``); the products that do not involve ``dY`` (``dO Uᵀ``, ``dO Sᵀ``,
-``U dS'ᵀ``) contract the whole value dim after the walk, so few sums are live at once. Products with ``X``,
-``dY`` and ``Z`` (the UT inverse's gradient) are float32 (``float32_dots``); the others take the inputs' dtype
+``chunk_grads``: two kernels, each one program per (batch, head, chunk). The first (``_value_side_kernel``)
+computes ``dY = Xᵀ dU`` and what depends on it ``value_block`` columns at a time (each block's ``dU``, ``dY``,
+``V'`` live only for that block), stores ``dV`` and the float32 sums over the value dim: ``dY Uᵀ`` ``[C, C]``,
+``−γ ⊙ dV Sᵀ`` ``[C, K]`` and per-row β and gate terms (the gate terms of the state products come from the
+products the block computes anyway: ``γ_i k_i·(dV Sᵀ)_i = Σ_v dV_iv ((γ ⊙ K) S)_iv``,
+``k̃_i·(U dS'ᵀ)_i = Σ_v U_iv (K̃ dS')_iv``). The second (``_key_side_kernel``) reads those sums back and forms
+``dQ, dK, dβ, d log_a`` with the products that do not involve ``dY`` (``dO Uᵀ``, ``dO Sᵀ``, ``U dS'ᵀ``). One
+kernel doing both kept too many float32 tiles live at once: on an H100 at 1 x 16K tokens, 16 heads of 128, it
+took 6.6 ms, against 1.6 + 1.5 ms for the two halves alone (≈ 0.2 GB of float32 sums round-trip through
+memory between them). Products with ``X``, ``dY`` and ``Z`` (the UT inverse's gradient) are float32
+(``float32_dots``); the others take the inputs' dtype (bf16 tensor cores for bf16 inputs) with float32
+accumulation.
 (bf16 tensor cores for bf16 inputs) with float32 accumulation.
 
 Inputs: ``q, k [B, T, G, K]`` (head h reads group h // R), ``v``, ``pseudo`` (U), ``d_out`` ``[B, T, H, V]``,
@@ -103,46 +108,55 @@ def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, in
     return sums
 
 
-def _chunk_grads_kernel(q_ref, k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
-                        d_leaving_ref, dq_ref, dk_ref, dv_ref, d_beta_ref, d_log_a_ref, *, chunk: int,
-                        value_block: int, precision):
-    """One chunk of one head: ``dQ, dK, dV, dβ, d log_a`` (module docstring)."""
-    dtype = q_ref.dtype
-    attention = (dot_transposed_rhs(q_ref[...], k_ref[...]) * causal_decay(cum_ref[...])).astype(dtype)  # A
+def _value_side_kernel(q_ref, k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
+                       d_leaving_ref, dv_ref, d_coupling_ref, dk_ref, d_beta_ref, d_gates_ref, *, chunk: int,
+                       value_block: int, precision):
+    """One chunk of one head, first half: ``dV`` and the float32 sums over the value dim (``_value_block_sums``),
+    with the chunk-end gate terms ``Σ rows(U ⊙ K̃ dS') + γ_C ⟨dS', S⟩`` folded into the gates' last row."""
+    attention = (dot_transposed_rhs(q_ref[...], k_ref[...]) * causal_decay(cum_ref[...])).astype(q_ref.dtype)  # A
     sums = _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
                              d_leaving_ref, dv_ref, attention, chunk=chunk, value_block=value_block,
                              precision=precision)
+    d_coupling_ref[...] = sums["d_coupling"]
+    dk_ref[...] = sums["dk"]
+    d_beta_ref[...] = sums["d_beta"]
+    is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    chunk_decay = jnp.exp(last_row(cum_ref, 0, chunk))  # γ_C  [1]
+    d_gates_ref[...] = sums["d_gates"] + jnp.where(is_last, sums["written"] + chunk_decay * sums["overlap"], 0.0)
 
+
+def _key_side_kernel(q_ref, k_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, state_ref, d_leaving_ref,
+                     d_coupling_ref, dk_values_ref, d_beta_values_ref, d_gates_values_ref, dq_ref, dk_ref, d_beta_ref,
+                     d_log_a_ref, *, chunk: int, precision):
+    """One chunk of one head, second half: ``dQ, dK, dβ, d log_a`` from the first half's sums (module docstring)."""
+    dtype = q_ref.dtype
     q, k = q_ref[...], k_ref[...]  # [C, K]
     k32 = k.astype(jnp.float32)
     beta = beta_ref[...]  # [C]
-    cum, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
+    _, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
     d_out, pseudo = d_out_ref[...].astype(dtype), pseudo_ref[...].astype(dtype)  # dO, U  [C, V]
     state, d_leaving = state_ref[...].astype(dtype), d_leaving_ref[...].astype(dtype)  # S, dS'  [K, V]
-    decay = causal_decay(cum)  # Γ, causal  [C, C]
+    decay = causal_decay(cum_ref[...])  # Γ, causal  [C, C]
     scores = dot_transposed_rhs(q, k)  # Q Kᵀ  [C, C]
     gram = dot_transposed_rhs(k, k)  # G  [C, C]
     rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
     d_attention = dot_transposed_rhs(d_out, pseudo) * decay  # dA = (dO Uᵀ) ⊙ Γ  [C, C]
-    d_coupling = jnp.where(rows > cols, -sums["d_coupling"] * decay, 0.0)  # Z  [C, C]
+    d_coupling = jnp.where(rows > cols, -d_coupling_ref[...] * decay, 0.0)  # Z  [C, C]
     d_gram = beta[:, None] * d_coupling  # Z_β  [C, C]
 
     dq_state = from_start[:, None] * dot_transposed_rhs(d_out, state)  # γ ⊙ dO Sᵀ  [C, K]
     dq = dot(d_attention.astype(dtype), k) + dq_state  # [C, K]
-    dk = (dot_transposed_lhs(d_attention.astype(dtype), q) + sums["dk"]
+    dk = (dot_transposed_lhs(d_attention.astype(dtype), q) + dk_values_ref[...]
           + to_end[:, None] * dot_transposed_rhs(pseudo, d_leaving)
           + dot(d_gram + d_gram.T, k32, precision))  # [C, K]
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    d_beta_ref[...] = sums["d_beta"] + _row_sums(d_coupling * gram)
+    d_beta_ref[...] = d_beta_values_ref[...] + _row_sums(d_coupling * gram)
 
     pair_gates = d_attention * scores + d_gram * gram  # dA ⊙ Q Kᵀ + Z_β ⊙ G  [C, C]
-    d_gates = (_row_sums(q.astype(jnp.float32) * dq_state) + sums["d_gates"]
+    d_gates = (_row_sums(q.astype(jnp.float32) * dq_state) + d_gates_values_ref[...]
                + _row_sums(pair_gates) - _col_sums(pair_gates))  # dg  [C]
-    is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    chunk_decay = jnp.exp(last_row(cum_ref, 0, chunk))  # γ_C  [1]
-    d_gates += jnp.where(is_last, sums["written"] + chunk_decay * sums["overlap"], 0.0)
     d_log_a_ref[...] = _row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
 
 
@@ -158,24 +172,36 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_o
     heads, value_dim = v.shape[2], v.shape[3]
     group_of = heads // groups
     key_dtype = q.dtype if group_of == 1 else jnp.float32
-    kernel = functools.partial(_chunk_grads_kernel, chunk=chunk, value_block=value_block,
-                               precision=float32_precision(float32_dots, interpret))
+    precision = float32_precision(float32_dots, interpret)
     group_rows = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h // group_of, 0))
     head_keys = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0))
     head_values = pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0))
     head_gates = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
-    head_inverse = pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))
+    head_square = pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))
     head_states = pl.BlockSpec((None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0))
     gates_shape = jax.ShapeDtypeStruct((batch, length, heads), jnp.float32)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, heads, length // chunk),
+    grid = (batch, heads, length // chunk)
+    dv, d_coupling, dk_values, d_beta_values, d_gates_values = pl.pallas_call(
+        functools.partial(_value_side_kernel, chunk=chunk, value_block=value_block, precision=precision),
+        grid=grid,
         in_specs=[group_rows, group_rows, head_values, head_values, head_values, head_gates, head_gates,
-                  head_inverse, head_states, head_states],
-        out_specs=[head_keys, head_keys, head_values, head_gates, head_gates],
-        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
-                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype), gates_shape, gates_shape],
-        name="gdn_chunk_grads",
+                  head_square, head_states, head_states],
+        out_specs=[head_values, head_square, head_keys, head_gates, head_gates],
+        out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   jax.ShapeDtypeStruct((batch, length, heads, chunk), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), jnp.float32), gates_shape, gates_shape],
+        name="gdn_chunk_grads_values",
         **launch_options(interpret, num_warps),
-    )(q, k, v, pseudo, d_out, beta, cum, inverse, states, d_leaving)
+    )(q, k, v, pseudo, d_out, beta, cum, inverse, states, d_leaving)  # dV, dY Uᵀ, −γ ⊙ dV Sᵀ, β / gate terms
+    dq, dk, d_beta, d_log_a = pl.pallas_call(
+        functools.partial(_key_side_kernel, chunk=chunk, precision=precision),
+        grid=grid,
+        in_specs=[group_rows, group_rows, head_values, head_values, head_gates, head_gates, head_states,
+                  head_states, head_square, head_keys, head_gates, head_gates],
+        out_specs=[head_keys, head_keys, head_gates, head_gates],
+        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
+                   jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype), gates_shape, gates_shape],
+        name="gdn_chunk_grads_keys",
+        **launch_options(interpret, num_warps),
+    )(q, k, pseudo, d_out, beta, cum, states, d_leaving, d_coupling, dk_values, d_beta_values, d_gates_values)
+    return dq, dk, dv, d_beta, d_log_a
