@@ -13,9 +13,9 @@ Shapes: ``q, k: [B, T, G, K]``, ``v: [B, T, H, V]`` (head h reads group ``h // (
 columns are ignored). Implementations: ``"recurrent"`` (a scan over time carrying the Fenwick level stack
 ``[B, H, L, K, V]`` float32, the readable reference), ``"chunked"`` (``loglinear_chunks``, O(T log T)),
 ``"auto"`` (= chunked for now), ``"pallas"`` (``pallas_kernels.loglinear`` for log-linear SSD,
-``pallas_kernels.loglinear_gdn`` for log-linear Gated DeltaNet: Pallas forward kernels with the Fenwick levels
-fused into one pass over the chunks, interpret mode on CPU; the kernels choose their own chunk per backend; no
-segment ids). The decode steps update the level stack.
+``pallas_kernels.loglinear_gdn`` for log-linear Gated DeltaNet: Pallas forward and backward kernels with the
+Fenwick levels fused into one sequential pass over the chunks in each direction, interpret mode on CPU; the
+kernels choose their own chunk per backend; no segment ids). The decode steps update the level stack.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
       return_final_state: also return the state after the last token.
       impl: ``"recurrent"`` (a scan over time, the reference), ``"chunked"`` (the chunkwise SSD form),
         ``"auto"`` (the chunked form for now) or ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward and
-        backward kernels, interpret mode on CPU; no segment ids).
+        backward kernels, interpret mode on CPU; segment ids supported).
       chunk_size: tokens per chunk of the chunked form (any T is accepted). The Pallas kernels choose their
         own chunk per backend (``pallas_kernels.ssd.ssd_blocks``).
       segment_ids: ``[B, T]`` int; the state resets where the id changes from the previous token.
@@ -54,12 +54,9 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
     elif impl in ("chunked", "auto"):
         out, final_state = _ssd_chunked(q, k, v, log_a, initial_state, starts, chunk_size)
     else:
-        if segment_ids is not None:
-            raise ValueError("ssd(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
-                             "impl='chunked' (or 'auto') for packed sequences")
         from pallas_kernels.ssd import ssd_pallas  # imported here: the XLA impls do not need the kernels
 
-        out, final_state = ssd_pallas(q, k, v, log_a, initial_state)
+        out, final_state = ssd_pallas(q, k, v, log_a, initial_state, segment_ids=segment_ids)
     out = out.astype(v.dtype)
     return (out, final_state) if return_final_state else out
 

@@ -134,11 +134,11 @@ def _chunk_kernel_backward(blocks, inputs, kernel_residuals, d_out, d_leaving):
         pad_time(beta.astype(jnp.float32), padding), cum, inverse, states, d_leaving, chunk=chunk,
         value_block=blocks.grad_value_block or v.shape[-1], float32_dots=blocks.grad_float32_dots,
         num_warps=blocks.grad_warps)
-    dq, dk = (_sum_over_group(x[:, :length], q.shape[2]).astype(q.dtype) for x in (dq, dk))  # [B, T, G, K]
+    dq, dk = (sum_over_group(x[:, :length], q.shape[2]).astype(q.dtype) for x in (dq, dk))  # [B, T, G, K]
     return (dq, dk, dv[:, :length], d_log_a[:, :length].astype(log_a.dtype), d_beta[:, :length].astype(beta.dtype))
 
 
-def _sum_over_group(per_head: jax.Array, groups: int) -> jax.Array:
+def sum_over_group(per_head: jax.Array, groups: int) -> jax.Array:
     """``[B, T, H, K] -> [B, T, G, K]``: the sum over the heads ``h`` of each group ``h // (H // G)``."""
     batch, length, heads, key_dim = per_head.shape
     if heads == groups:

@@ -119,9 +119,9 @@ def level_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.
 
 
 def _chunk_outputs_kernel(q_ref, k_ref, v_ref, w_ref, inverse_ref, beta_ref, cum_ref, lam_ref, states_ref, out_ref,
-                          *, in_chunk_levels: int, cross_levels: int):
+                          *read_queries_ref, in_chunk_levels: int, cross_levels: int):
     """One chunk: the λ-weighted pair weights times V, plus the reads of the level states (module docstring,
-    part 2)."""
+    part 2); ``Q̂`` itself into ``read_queries_ref`` when given."""
     q, k, v = q_ref[...], k_ref[...], v_ref[...]  # [C, K], [C, K], [C, BV]
     cum = cum_ref[...]  # [C] float32
     chunk = q.shape[0]
@@ -130,10 +130,12 @@ def _chunk_outputs_kernel(q_ref, k_ref, v_ref, w_ref, inverse_ref, beta_ref, cum
     lam_weights = in_chunk_level_weights(in_chunk_level_masks(chunk, in_chunk_levels),
                                          [lam_ref[level] for level in range(in_chunk_levels)])  # Λ  [C, C]
     out = dot((pair * lam_weights).astype(v.dtype), v)  # [C, BV] float32
-    if cross_levels:
+    if cross_levels or read_queries_ref:
         w = w_ref[...]  # [C, K]
         query_from_state = jnp.exp(cum)[:, None] * q.astype(jnp.float32) - dot(scores.astype(w.dtype), w)  # Q̂
         query_from_state = query_from_state.astype(q.dtype)  # [C, K]
+        if read_queries_ref:
+            read_queries_ref[0][...] = query_from_state
         chunk_index = pl.program_id(2)
         for level in range(cross_levels):
             def read_level(out, level=level):
@@ -146,8 +148,11 @@ def _chunk_outputs_kernel(q_ref, k_ref, v_ref, w_ref, inverse_ref, beta_ref, cum
 
 def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, inverse: jax.Array, beta: jax.Array,
                   cum: jax.Array, lam_rows: jax.Array, states: jax.Array, *, chunk: int, in_chunk_levels: int,
-                  cross_levels: int, value_block: int, num_warps: int | None = None, interpret=None) -> jax.Array:
-    """Outputs ``[B, T', H, V]`` in v's dtype. ``q, k [B, T', G, K]`` (head h reads group h // R),
+                  cross_levels: int, value_block: int, store_read_queries: bool = False,
+                  num_warps: int | None = None, interpret=None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Outputs ``[B, T', H, V]`` in v's dtype; with ``store_read_queries`` also ``Q̂ [B, T', H, K]`` in q's dtype
+    (every value-block program writes the same block), which the backward reads. ``q, k [B, T', G, K]`` (head h
+    reads group h // R),
     ``v [B, T', H, V]``, ``w [B, T', H, K]``, ``inverse [B, T', H, C]`` float32 (row t of its chunk's 𝒯),
     ``beta, cum [B, T', H]`` float32, ``lam_rows [B, H, R, T']`` (λ level-major, ``R >= in_chunk + cross``),
     ``states [B, H, N, Lc, K, V]`` from ``level_states``."""
@@ -156,7 +161,9 @@ def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, invers
     group_of = heads // groups
     num_levels = states.shape[3]
     kernel = functools.partial(_chunk_outputs_kernel, in_chunk_levels=in_chunk_levels, cross_levels=cross_levels)
-    return pl.pallas_call(
+    query_spec = [pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n, j: (b, n, h, 0))] * store_read_queries
+    query_shape = [jax.ShapeDtypeStruct((batch, length, heads, key_dim), q.dtype)] * store_read_queries
+    outputs = pl.pallas_call(
         kernel,
         grid=(batch, heads, length // chunk, value_dim // value_block),
         in_specs=[
@@ -170,8 +177,10 @@ def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, invers
             pl.BlockSpec((None, None, lam_rows.shape[2], chunk), lambda b, h, n, j: (b, h, 0, n)),
             pl.BlockSpec((None, None, None, num_levels, key_dim, value_block), lambda b, h, n, j: (b, h, n, 0, 0, j)),
         ],
-        out_specs=pl.BlockSpec((None, chunk, None, value_block), lambda b, h, n, j: (b, n, h, j)),
-        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+        out_specs=[pl.BlockSpec((None, chunk, None, value_block), lambda b, h, n, j: (b, n, h, j)),
+                   *query_spec],
+        out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), *query_shape],
         name="loglinear_gdn_chunk_outputs",
         **launch_options(interpret, num_warps),
     )(q, k, v, w, inverse, beta, cum, lam_rows, states)
+    return tuple(outputs) if store_read_queries else outputs[0]

@@ -1,6 +1,17 @@
-"""Pieces shared by the SSD forward and backward kernels: float32-accumulating products, the causal decay
-mask of one chunk, the launch options (interpret mode, Triton compiler parameters) and the launch of the
-sequential state pass that both directions run."""
+"""Pieces shared by the SSD forward and backward kernels: float32-accumulating products, the decay factors of
+one chunk, the launch options (interpret mode, Triton compiler parameters) and the launch of the sequential
+state pass that both directions run.
+
+Packed sequences reach the kernels as segment runs: ``runs [B, T]`` int32, the number of segment starts inside
+a token's chunk up to and including the token (0: the token is still in the segment of the state entering the
+chunk). Every decay factor of a chunk gets its mask from them:
+
+    pairs           exp(c_t − c_s)      × [runs_t = runs_s]       (``causal_decay``)
+    state read      exp(c_t)            × [runs_t = 0]            (``read_decay``)
+    state write     exp(c_last − c_s)   × [runs_s = run_last]     (``write_decay``)
+    state carry     exp(c_last)         × [run_last = 0]          (``carry_decay``)
+
+Without runs (no segment ids) the masks are left out of the traced code altogether."""
 
 from __future__ import annotations
 
@@ -38,15 +49,53 @@ def dot_transposed_rhs(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     return contract(a, b, 1, 1, precision)
 
 
-def causal_decay(cum: jax.Array) -> jax.Array:
-    """``L_ts = exp(c_t − c_s)`` for ``s ≤ t``, else 0: ``[C] -> [C, C]`` float32 (masked before the exp, so no
-    overflow above the diagonal)."""
+def causal_decay(cum: jax.Array, runs: jax.Array | None = None) -> jax.Array:
+    """``L_ts = exp(c_t − c_s)`` for ``s ≤ t`` (and, given ``runs [C]`` int32, ``runs_t = runs_s``: the same
+    segment), else 0: ``[C] -> [C, C]`` float32 (masked before the exp, so no overflow above the diagonal)."""
     size = cum.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
     causal = rows >= cols
+    if runs is not None:
+        causal = causal & (runs[:, None] == runs[None, :])
     gap = jnp.where(causal, cum[:, None] - cum[None, :], 0.0)  # [C, C]
     return jnp.where(causal, jnp.exp(gap), 0.0)
+
+
+def read_decay(cum: jax.Array, runs: jax.Array | None = None) -> jax.Array:
+    """Weight of the entering state in each token's output: ``exp(c_t)``, times ``[runs_t = 0]`` (the token is
+    still in the entering state's segment) given ``runs``. ``[C] -> [C]`` float32."""
+    if runs is None:
+        return jnp.exp(cum)
+    entering = runs == 0
+    return jnp.where(entering, jnp.exp(jnp.where(entering, cum, 0.0)), 0.0)
+
+
+def write_decay(cum: jax.Array, cum_last: jax.Array, runs: jax.Array | None = None,
+                run_last: jax.Array | None = None) -> jax.Array:
+    """Weight of each token's ``k_s v_sᵀ`` in the state leaving the chunk: ``exp(c_last − c_s)``, times
+    ``[runs_s = run_last]`` (the token is in the chunk's last segment) given ``runs``. ``[C], [1] -> [C]``."""
+    if runs is None:
+        return jnp.exp(cum_last - cum)
+    in_last = runs == run_last
+    return jnp.where(in_last, jnp.exp(jnp.where(in_last, cum_last - cum, 0.0)), 0.0)
+
+
+def carry_decay(cum_last: jax.Array, run_last: jax.Array | None = None) -> jax.Array:
+    """Weight of the entering state in the leaving one: ``exp(c_last)``, times ``[run_last = 0]`` (no segment
+    starts inside the chunk) given ``run_last``. ``[1] -> [1]`` float32."""
+    if run_last is None:
+        return jnp.exp(cum_last)
+    keeps = run_last == 0
+    return jnp.where(keeps, jnp.exp(jnp.where(keeps, cum_last, 0.0)), 0.0)
+
+
+def chunk_runs(runs_ref, start: int | jax.Array, size: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(runs [C], run_last [1])`` of the chunk at ``start`` of a 1-D runs ref; ``(None, None)`` without one
+    (no segment ids: the masks of ``causal_decay`` … ``carry_decay`` are skipped)."""
+    if runs_ref is None:
+        return None, None
+    return runs_ref[pl.ds(start, size)], last_row(runs_ref, start, size)
 
 
 def last_row(ref, start: int | jax.Array, size: int) -> jax.Array:
@@ -90,10 +139,18 @@ def launch_options(interpret, num_warps: int | None, num_stages: int | None = No
     return dict(interpret=False, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
+def runs_operand(runs: jax.Array | None, rows: int, index) -> tuple[list, list]:
+    """``(BlockSpecs, operands)`` of the optional segment runs ``[B, T]`` int32: blocks of ``rows`` tokens of one
+    batch row, ``index(*grid) -> (batch, row block)``; both empty without runs (no segment ids)."""
+    if runs is None:
+        return [], []
+    return [pl.BlockSpec((None, rows), index)], [runs]
+
+
 def sequential_state_pass(kernel_body, keyed: jax.Array, valued: jax.Array, cum: jax.Array, state: jax.Array, *,
                           chunk: int, key_block: int, value_block: int, num_warps: int | None,
-                          num_stages: int | None, time_major: bool, interpret, name: str
-                          ) -> tuple[jax.Array, jax.Array]:
+                          num_stages: int | None, time_major: bool, interpret, name: str,
+                          runs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Launch a pass that walks the chunks of one (batch, head) carrying a ``[key_block, value_block]`` state.
 
     Grid ``(B, H, K // key_block, V // value_block)``; ``T`` must be whole chunks, ``N = T // chunk``.
@@ -104,12 +161,14 @@ def sequential_state_pass(kernel_body, keyed: jax.Array, valued: jax.Array, cum:
 
     ``kernel_body(keyed_ref, valued_ref, cum_ref, state_ref, states_ref, last_ref, *, chunk, num_chunks)`` sees
     one program's blocks: ``[T, key_block]``, ``[T, value_block]``, ``[T]``, ``[key_block, value_block]`` in;
-    ``[N, key_block, value_block]``, ``[key_block, value_block]`` out."""
+    ``[N, key_block, value_block]``, ``[key_block, value_block]`` out. With ``runs [B, T]`` int32 (``runs_operand``)
+    the body takes one more input, ``runs_ref [T]``, after ``state_ref``."""
     batch, length, groups, key_dim = token_dims(keyed, time_major)
     heads, value_dim = token_dims(valued, time_major)[2:]
     group_of = heads // groups
     num_chunks = length // chunk
     state_block = pl.BlockSpec((None, None, key_block, value_block), lambda b, h, i, j: (b, h, i, j))
+    runs_specs, runs_operands = runs_operand(runs, length, lambda b, h, i, j: (b, 0))
     return pl.pallas_call(
         functools.partial(kernel_body, chunk=chunk, num_chunks=num_chunks),
         grid=(batch, heads, key_dim // key_block, value_dim // value_block),
@@ -118,6 +177,7 @@ def sequential_state_pass(kernel_body, keyed: jax.Array, valued: jax.Array, cum:
             token_spec(time_major, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
             state_block,
+            *runs_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
@@ -127,4 +187,4 @@ def sequential_state_pass(kernel_body, keyed: jax.Array, valued: jax.Array, cum:
                    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         name=name,
         **launch_options(interpret, num_warps, num_stages),
-    )(keyed, valued, cum, state)
+    )(keyed, valued, cum, state, *runs_operands)

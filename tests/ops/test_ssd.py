@@ -174,8 +174,6 @@ def test_decode_steps_equal_parallel_form():
 
 def test_bad_inputs_raise_clear_errors():
     q, k, v, log_a, _ = _f32(*_random_inputs(7, length=9)[:4], np.zeros(1))
-    with pytest.raises(ValueError, match="segment_ids are not supported by the Pallas kernels"):
-        ssd(q, k, v, log_a, impl="pallas", segment_ids=jnp.ones(q.shape[:2], jnp.int32))
     with pytest.raises(ValueError, match="impl='fast' is not one of"):
         ssd(q, k, v, log_a, impl="fast")
     with pytest.raises(ValueError, match="multiple of q/k's groups G=2"):

@@ -1,6 +1,7 @@
 """Log-linear Gated DeltaNet Pallas kernels (interpret mode on CPU): the forward and every gradient through the
-``custom_vjp`` against ``impl="recurrent"``, the level stack of the sequential pass against a float64 delta-rule
-recurrence over each level's chunks, grouped heads, T not a multiple of the chunk, both dtypes, clear errors."""
+``custom_vjp`` (the default ``backward="kernels"``) against ``impl="recurrent"``, the level stack of the sequential
+pass against a float64 delta-rule recurrence over each level's chunks, grouped heads, T not a multiple of the
+chunk, both dtypes, clear errors."""
 
 import functools
 
