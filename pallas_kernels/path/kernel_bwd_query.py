@@ -22,7 +22,10 @@ the suffix ``R_j = P_{τS+S−1} … P_{j+1}``, and the super-block the product 
 which costs about ``n + (n / S)² / 2 + S² / 2`` ``[C, D] x [D, D]`` products per query block and, beyond the
 program's tiles, only the ``R`` and ``Φ`` arrays (``N·D²`` per KV head, like the block products). Different
 query blocks (and the query heads of one KV head) add into the same ``dP_j``: those adds are atomic
-(``pallas.triton.atomic_add``: GPU and interpret mode; a TPU version would need another reduction).
+(``pallas.triton.atomic_add``: GPU and interpret mode; a TPU version would need another reduction). The grid
+runs query blocks outermost, ``(n, batch, head)``, so programs in flight add into different heads' ``dP``: on an
+H100 at 32 x 4096 x 32 x 64 this kernel took 175 ms against 207 ms with ``(batch, head, n)`` (consecutive
+programs, the query blocks of one head, contend for the same ``dP_j``) and 184 ms with ``(batch, n, head)``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _query_kernel(*refs, block: int, dim: int, superblock: int, scale: float, pr
      d_products_ref) = refs
     gate_ref = optional.pop(0) if with_gate else None
     segments_ref = optional.pop(0) if with_segments else None
-    query_block = pl.num_programs(2) - 1 - pl.program_id(2)  # the longest scans start first
+    query_block = pl.num_programs(0) - 1 - pl.program_id(0)  # the longest scans start first
     own = block_rows(query_block, block)
     d_out, logsumexp, delta = d_out_ref[...], logsumexp_ref[...], delta_ref[...]  # [C, D], [C], [C]
 
@@ -132,6 +135,11 @@ def superblock_suffixes(products: jax.Array, superblock: int):
     return suffixes.reshape(batch, groups, -1, dim), whole.reshape(batch, groups, -1, dim)
 
 
+def _block_major(spec: pl.BlockSpec) -> pl.BlockSpec:
+    """``spec`` (index map over the grid ``(b, h, i)``) for this kernel's grid ``(i, b, h)``."""
+    return pl.BlockSpec(spec.block_shape, lambda i, b, h: spec.index_map(b, h, i))
+
+
 def path_backward_queries(queries, intra, keys, values, products, d_out, logsumexp, delta, gate=None,
                           segments=None, *, block: int, scale: float, superblock: int, interpret=None,
                           num_warps: int | None = None, num_stages: int | None = None):
@@ -153,13 +161,13 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
                                precision=precision, with_gate=gate is not None, with_segments=segments is not None)
     suffixes, superblock_products = superblock_suffixes(products, superblock)
 
-    def query_rows(b, h, i):
+    def query_rows(i, b, h):
         return b, h, num_blocks - 1 - i, 0
 
-    def whole_kv_head(b, h, i):
+    def whole_kv_head(i, b, h):
         return b, h // heads_per_group, 0, 0
 
-    def query_vector(b, h, i):
+    def query_vector(i, b, h):
         return b, h, num_blocks - 1 - i
 
     in_specs = [
@@ -175,13 +183,13 @@ def path_backward_queries(queries, intra, keys, values, products, d_out, logsume
         pl.BlockSpec((None, None, block), query_vector),
     ]
     extra_specs, optional = optional_specs(gate, segments, length, lambda b, h, i: (b, h, 0))
-    in_specs += extra_specs
+    in_specs += [_block_major(spec) for spec in extra_specs]
     products_spec = pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head)
     in_specs.append(products_spec)
     zeros = jnp.zeros(products.shape, jnp.float32)  # the atomically accumulated dP starts here
     return pl.pallas_call(
         kernel,
-        grid=(batch, heads, num_blocks),
+        grid=(num_blocks, batch, heads),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, block, dim), query_rows),
