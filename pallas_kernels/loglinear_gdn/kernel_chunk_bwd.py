@@ -27,13 +27,16 @@ Products with ``𝒯``, ``B``, ``dB``, ``dW`` and ``P`` are float32 (``float32_d
 the inputs (``Q Kᵀ``, ``K Kᵀ``, ``dO Vᵀ``, ``K̃ dX``, ``V dXᵀ``, ``((A B) ⊙ Λ)ᵀ dO``, ``dS K``, ``dSᵀ Q``) take the
 inputs' dtype (bf16 tensor cores for bf16 inputs) with float32 accumulation.
 
-``chunk_grads``: three kernels, each one program per (batch, head, chunk), so that no program holds too many
+``chunk_grads``: four kernels, each one program per (batch, head, chunk), so that no program holds too many
 float32 tiles (one kernel with everything asked an H100 for 256–336 KiB of shared memory at K = V = 128, over the
-227 KiB it has). ``_transition_side_kernel`` contracts the two large cotangents ``P [K, K]`` and ``dX [K, V]``:
-``dU₀ = K̃ dX``, ``−K̃ P``, ``−W Pᵀ``, ``V dXᵀ`` (``[C, V|K]`` float32) and ``γ_C tr P``.
-``_solve_side_kernel`` forms ``dB``, ``dL``, ``Z_β``, ``dV``, ``dβ``, the in-chunk ``dλ``, and the parts of ``dK``
-and ``dg`` that do not involve ``dS``; ``_score_side_kernel`` adds ``dS``'s and writes ``dQ``, ``dK``,
-``d log_a``. Inputs: ``q, k [B, T', G, K]`` (head h reads group h // R), ``v``, ``d_out`` ``[B, T', H, V]``,
+227 KiB it has; with ``dB``'s producer and consumer in one kernel that kernel alone took 6.6 ms at 1 x 16K x 16
+heads). ``_transition_side_kernel`` contracts the two large cotangents ``P [K, K]`` and ``dX [K, V]``:
+``dU₀ = K̃ dX``, ``−K̃ P``, ``−W Pᵀ``, ``V dXᵀ`` (``[C, V|K]`` float32) and ``γ_C tr P``. ``_value_side_kernel``
+writes ``dV`` and the in-chunk ``dλ`` and stores ``dW``, ``dB``; ``_coupling_side_kernel`` forms ``dL``, ``Z_β``,
+``dβ``, ``dK̃`` and the parts of ``dK`` and ``dg`` that do not involve ``dS``; ``_score_side_kernel`` adds
+``dS``'s and writes ``dQ``, ``dK``, ``d log_a``.
+
+Inputs: ``q, k [B, T', G, K]`` (head h reads group h // R), ``v``, ``d_out`` ``[B, T', H, V]``,
 ``w [B, T', H, K]``, ``inverse [B, T', H, C]`` float32, ``beta, cum [B, T', H]`` float32, ``lam_rows [B, H, R, T']``,
 ``d_queries [B, T', H, K]`` float32, ``d_transitions [B, H, N, K, K]`` float32, ``d_writes [B, H, N, K, V]``.
 """
@@ -91,20 +94,16 @@ def _transition_side_kernel(k_ref, v_ref, w_ref, cum_ref, d_transitions_ref, d_w
     d_gates_ref[...] = _last_row_only(jnp.exp(last_row(cum_ref, 0, chunk)) * trace, chunk)
 
 
-def _solve_side_kernel(q_ref, k_ref, v_ref, d_out_ref, inverse_ref, beta_ref, cum_ref, lam_ref, d_queries_ref,
-                       d_values_solved_ref, d_w_transition_ref, d_decayed_ref, values_writes_ref, d_gates_in_ref,
-                       dv_ref, d_beta_ref, d_lam_ref, dk_ref, d_gates_ref, *, in_chunk_levels: int, precision):
-    """``dB``, ``dL``, ``Z_β``, ``dV``, ``dβ``, in-chunk ``dλ``; ``dK`` and ``dg`` but their ``dS`` terms."""
+def _value_side_kernel(q_ref, k_ref, v_ref, d_out_ref, inverse_ref, beta_ref, cum_ref, lam_ref, d_queries_ref,
+                       d_values_solved_ref, d_w_transition_ref, dv_ref, d_lam_ref, d_solved_ref, d_w_ref, *,
+                       in_chunk_levels: int, precision):
+    """``dV``, the in-chunk ``dλ``, and (stored for ``_coupling_side_kernel``) ``dW`` and ``dB``."""
     q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], d_out_ref[...].astype(v_ref.dtype)  # [C, K|V]
     dtype = q.dtype
-    k32 = k.astype(jnp.float32)
     chunk = q.shape[0]
-    cum, from_start, to_end = _gate_factors(cum_ref, chunk)  # g, γ, e  [C]
-    beta = beta_ref[...]  # [C]
-    inverse = inverse_ref[...]  # 𝒯  [C, C] float32
-    solved = inverse * beta[None, :]  # B = 𝒯 diag(β)  [C, C]
-    decay = causal_decay(cum)  # Γ  [C, C]
-    attention = dot_transposed_rhs(q, k) * decay  # A  [C, C]
+    cum, from_start, _ = _gate_factors(cum_ref, chunk)  # g, γ  [C]
+    solved = inverse_ref[...] * beta_ref[...][None, :]  # B = 𝒯 diag(β)  [C, C]
+    attention = dot_transposed_rhs(q, k) * causal_decay(cum)  # A  [C, C]
     pairs = dot(attention, solved, precision)  # A B  [C, C]
     masks = in_chunk_level_masks(chunk, in_chunk_levels)
     level_weights = in_chunk_level_weights(masks, [lam_ref[level] for level in range(in_chunk_levels)])  # Λ
@@ -112,21 +111,35 @@ def _solve_side_kernel(q_ref, k_ref, v_ref, d_out_ref, inverse_ref, beta_ref, cu
     for row in range(lam_ref.shape[0]):
         d_lam_ref[row] = (_row_sums(jnp.where(masks[row], d_out_values * pairs, 0.0)) if row < in_chunk_levels
                           else jnp.zeros((chunk,), jnp.float32))
-    d_pairs = d_out_values * level_weights  # D  [C, C]
     d_values_solved = d_values_solved_ref[...]  # dU₀  [C, V] float32
+    dv = (dot_transposed_lhs((pairs * level_weights).astype(dtype), d_out)
+          + dot_transposed_lhs(solved, d_values_solved, precision))  # [C, V]
+    dv_ref[...] = dv.astype(dv_ref.dtype)
     d_w = d_w_transition_ref[...] - dot_transposed_lhs(attention, d_queries_ref[...], precision)  # dW  [C, K]
-    d_solved = (dot_transposed_lhs(attention, d_pairs, precision)
-                + dot_transposed_rhs(d_values_solved.astype(dtype), v)
-                + dot_transposed_rhs(d_w, k32 * from_start[:, None], precision))  # dB  [C, C]
-    back = dot_transposed_lhs(solved, d_w, precision)  # Bᵀ dW  [C, K]
+    d_w_ref[...] = d_w
+    d_solved_ref[...] = (dot_transposed_lhs(attention, d_out_values * level_weights, precision)
+                         + dot_transposed_rhs(d_values_solved.astype(dtype), v)
+                         + dot_transposed_rhs(d_w, k.astype(jnp.float32) * from_start[:, None], precision))  # dB
+
+
+def _coupling_side_kernel(k_ref, inverse_ref, beta_ref, cum_ref, d_solved_ref, d_w_ref, d_decayed_ref,
+                          values_writes_ref, d_gates_in_ref, d_beta_ref, dk_ref, d_gates_ref, *, precision):
+    """``dL``, ``Z_β``, ``dβ``, ``dK̃``; ``dK`` and ``dg`` but their ``dS`` and ``Q`` terms."""
+    k = k_ref[...]  # [C, K]
+    k32 = k.astype(jnp.float32)
+    chunk = k.shape[0]
+    cum, from_start, to_end = _gate_factors(cum_ref, chunk)  # g, γ, e  [C]
+    beta = beta_ref[...]  # [C]
+    inverse = inverse_ref[...]  # 𝒯  [C, C] float32
+    solved = inverse * beta[None, :]  # B  [C, C]
+    decay = causal_decay(cum)  # Γ  [C, C]
+    d_solved = d_solved_ref[...]  # dB  [C, C]
+    back = dot_transposed_lhs(solved, d_w_ref[...], precision)  # Bᵀ dW  [C, K]
     d_coupling = -jnp.where(strictly_lower_mask(chunk),
                             dot_transposed_rhs(dot_transposed_lhs(inverse, d_solved, precision), solved, precision),
                             0.0)  # dL  [C, C]
     gram = dot_transposed_rhs(k, k)  # G  [C, C]
     coupling_gates = beta[:, None] * d_coupling * decay  # Z_β  [C, C]
-    dv = (dot_transposed_lhs((pairs * level_weights).astype(dtype), d_out)
-          + dot_transposed_lhs(solved, d_values_solved, precision))  # [C, V]
-    dv_ref[...] = dv.astype(dv_ref.dtype)
     d_beta_ref[...] = _col_sums(d_solved * inverse) + _row_sums(d_coupling * decay * gram)
     d_decayed_keys = d_decayed_ref[...] + dot(solved, values_writes_ref[...], precision)  # dK̃  [C, K]
     dk_ref[...] = (from_start[:, None] * back + to_end[:, None] * d_decayed_keys
@@ -197,16 +210,23 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, w: j
         out_shape=[jax.ShapeDtypeStruct(v.shape, jnp.float32), keys_shape, keys_shape, keys_shape, gates_shape],
         name="loglinear_gdn_chunk_grads_transition", **launch,
     )(k, v, w, cum, d_transitions, d_writes)
-    dv, d_beta, d_lam_rows, dk_partial, d_gates_partial = pl.pallas_call(
-        functools.partial(_solve_side_kernel, in_chunk_levels=in_chunk_levels, precision=precision),
+    dv, d_lam_rows, d_solved, d_w = pl.pallas_call(
+        functools.partial(_value_side_kernel, in_chunk_levels=in_chunk_levels, precision=precision),
         in_specs=[group_rows, group_rows, head_values, head_values, head_square, head_gates, head_gates, lam_spec,
-                  head_keys, head_values, head_keys, head_keys, head_keys, head_gates],
-        out_specs=[head_values, head_gates, lam_spec, head_keys, head_gates],
-        out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), gates_shape,
-                   jax.ShapeDtypeStruct(lam_rows.shape, jnp.float32), keys_shape, gates_shape],
-        name="loglinear_gdn_chunk_grads_solve", **launch,
-    )(q, k, v, d_out, inverse, beta, cum, lam_rows, d_queries, d_values_solved, d_w_transition, d_decayed,
-      values_writes, trace_gates)
+                  head_keys, head_values, head_keys],
+        out_specs=[head_values, lam_spec, head_square, head_keys],
+        out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(lam_rows.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(inverse.shape, jnp.float32), keys_shape],
+        name="loglinear_gdn_chunk_grads_values", **launch,
+    )(q, k, v, d_out, inverse, beta, cum, lam_rows, d_queries, d_values_solved, d_w_transition)
+    d_beta, dk_partial, d_gates_partial = pl.pallas_call(
+        functools.partial(_coupling_side_kernel, precision=precision),
+        in_specs=[group_rows, head_square, head_gates, head_gates, head_square, head_keys, head_keys, head_keys,
+                  head_gates],
+        out_specs=[head_gates, head_keys, head_gates],
+        out_shape=[gates_shape, keys_shape, gates_shape],
+        name="loglinear_gdn_chunk_grads_coupling", **launch,
+    )(k, inverse, beta, cum, d_solved, d_w, d_decayed, values_writes, trace_gates)
     dq, dk, d_log_a = pl.pallas_call(
         functools.partial(_score_side_kernel, in_chunk_levels=in_chunk_levels, precision=precision),
         in_specs=[group_rows, group_rows, head_values, head_values, head_keys, head_square, head_gates, head_gates,
