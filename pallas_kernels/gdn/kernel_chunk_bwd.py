@@ -36,11 +36,17 @@ took 6.6 ms, against 1.6 + 1.5 ms for the two halves alone (≈ 0.2 GB of float3
 memory between them). Products with ``X``, ``dY`` and ``Z`` (the UT inverse's gradient) are float32
 (``float32_dots``); the others take the inputs' dtype (bf16 tensor cores for bf16 inputs) with float32
 accumulation.
-(bf16 tensor cores for bf16 inputs) with float32 accumulation.
 
 Inputs: ``q, k [B, T, G, K]`` (head h reads group h // R), ``v``, ``pseudo`` (U), ``d_out`` ``[B, T, H, V]``,
 ``beta, cum [B, T, H]`` float32, ``inverse [B, T, H, C]`` float32, ``states`` and ``d_leaving`` ``[B, H, N, K, V]``.
 Outputs per head: ``dq, dk [B, T, H, K]``, ``dv [B, T, H, V]``, ``dβ, d log_a [B, T, H]`` float32.
+
+Packed sequences: the optional ``runs [B, T]`` int32 operand masks ``Γ`` (in ``A``, ``dA`` and ``Z``), ``γ``,
+``exp(g_C − g)`` and ``γ_C`` as the forward does (``pallas_kernels.ssd.common``). The masks are constants, so the
+formulas above hold unchanged with the masked factors; ``d log_a`` stays ``Σ_{j ≥ i} dg_j``: ``log_a`` of a
+segment's first token only enters ``g`` of later tokens of the chunk, whose masked factors see ``g`` only through
+differences within a segment (or ``g_C − g_j`` within the last one), so its terms cancel, as the recurrence's
+zero gradient there requires. Without runs the kernels are the single-sequence ones.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn.float32_dots import float32_precision
-from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
-                                       launch_options)
+from pallas_kernels.ssd.common import (carry_decay, causal_decay, chunk_runs, dot, dot_transposed_lhs,
+                                       dot_transposed_rhs, last_row, launch_options, read_decay, runs_operand,
+                                       write_decay)
 
 
 def _row_sums(x: jax.Array) -> jax.Array:
@@ -66,18 +73,20 @@ def _col_sums(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=0)
 
 
-def _gate_factors(cum_ref, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(g [C], γ = exp(g) [C], exp(g_C − g) [C])`` of one chunk."""
+def _gate_factors(cum_ref, chunk: int, runs=None, run_last=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(g [C], γ = exp(g) [C], exp(g_C − g) [C])`` of one chunk (``γ``, ``exp(g_C − g)`` masked by the segment
+    runs ``[C]``, ``[1]`` when given)."""
     cum = cum_ref[...]  # [C] float32
-    return cum, jnp.exp(cum), jnp.exp(last_row(cum_ref, 0, chunk) - cum)
+    return cum, read_decay(cum, runs), write_decay(cum, last_row(cum_ref, 0, chunk), runs, run_last)
 
 
 def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
-                      d_leaving_ref, dv_ref, attention, *, chunk: int, value_block: int, precision) -> dict:
+                      d_leaving_ref, dv_ref, attention, *, chunk: int, value_block: int, precision, runs=None,
+                      run_last=None) -> dict:
     """Walk the value dim in blocks: store ``dV = diag(β) Xᵀ (Aᵀ dO + K̃ dS')`` and return the float32 sums over
     the value dim: ``d_coupling = dY Uᵀ`` ``[C, C]``; ``dk = −γ ⊙ dV Sᵀ`` ``[C, K]``; ``d_beta = rows(dY ⊙ V')``,
     ``d_gates = −rows(dV ⊙ (γ ⊙ K) S) − rows(U ⊙ K̃ dS')`` ``[C]``; ``written = Σ rows(U ⊙ K̃ dS')`` and
-    ``overlap = ⟨dS', S⟩`` (scalars)."""
+    ``overlap = ⟨dS', S⟩`` (scalars). ``runs``, ``run_last``: the chunk's segment runs (None: no segments)."""
     dtype = k_ref.dtype
     key_dim = k_ref.shape[1]
     sums = dict(d_coupling=jnp.zeros((chunk, chunk), jnp.float32), dk=jnp.zeros((chunk, key_dim), jnp.float32),
@@ -85,7 +94,7 @@ def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, in
                 written=jnp.zeros((), jnp.float32), overlap=jnp.zeros((), jnp.float32))
     for start in range(0, v_ref.shape[1], value_block):
         cols = pl.ds(start, value_block)
-        _, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
+        _, from_start, to_end = _gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
         beta = beta_ref[...]  # [C]
         k32 = k_ref[...].astype(jnp.float32)  # [C, K]
         d_out, pseudo32 = d_out_ref[:, cols].astype(dtype), pseudo_ref[:, cols].astype(jnp.float32)  # dO, U [C, BV]
@@ -109,34 +118,40 @@ def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, in
 
 
 def _value_side_kernel(q_ref, k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
-                       d_leaving_ref, dv_ref, d_coupling_ref, dk_ref, d_beta_ref, d_gates_ref, *, chunk: int,
-                       value_block: int, precision):
+                       d_leaving_ref, *refs, chunk: int, value_block: int, precision):
     """One chunk of one head, first half: ``dV`` and the float32 sums over the value dim (``_value_block_sums``),
-    with the chunk-end gate terms ``Σ rows(U ⊙ K̃ dS') + γ_C ⟨dS', S⟩`` folded into the gates' last row."""
-    attention = (dot_transposed_rhs(q_ref[...], k_ref[...]) * causal_decay(cum_ref[...])).astype(q_ref.dtype)  # A
+    with the chunk-end gate terms ``Σ rows(U ⊙ K̃ dS') + γ_C ⟨dS', S⟩`` folded into the gates' last row (decay
+    factors masked by the segment runs when ``refs`` starts with a runs ref)."""
+    *optional, dv_ref, d_coupling_ref, dk_ref, d_beta_ref, d_gates_ref = refs
+    runs, run_last = chunk_runs(optional[0] if optional else None, 0, chunk)  # [C], [1] (None without segments)
+    attention = (dot_transposed_rhs(q_ref[...], k_ref[...])
+                 * causal_decay(cum_ref[...], runs)).astype(q_ref.dtype)  # A = (Q Kᵀ) ⊙ Γ  [C, C]
     sums = _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, inverse_ref, state_ref,
                              d_leaving_ref, dv_ref, attention, chunk=chunk, value_block=value_block,
-                             precision=precision)
+                             precision=precision, runs=runs, run_last=run_last)
     d_coupling_ref[...] = sums["d_coupling"]
     dk_ref[...] = sums["dk"]
     d_beta_ref[...] = sums["d_beta"]
     is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    chunk_decay = jnp.exp(last_row(cum_ref, 0, chunk))  # γ_C  [1]
+    chunk_decay = carry_decay(last_row(cum_ref, 0, chunk), run_last)  # γ_C  [1]
     d_gates_ref[...] = sums["d_gates"] + jnp.where(is_last, sums["written"] + chunk_decay * sums["overlap"], 0.0)
 
 
 def _key_side_kernel(q_ref, k_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, state_ref, d_leaving_ref,
-                     d_coupling_ref, dk_values_ref, d_beta_values_ref, d_gates_values_ref, dq_ref, dk_ref, d_beta_ref,
-                     d_log_a_ref, *, chunk: int, precision):
-    """One chunk of one head, second half: ``dQ, dK, dβ, d log_a`` from the first half's sums (module docstring)."""
+                     d_coupling_ref, dk_values_ref, d_beta_values_ref, d_gates_values_ref, *refs, chunk: int,
+                     precision):
+    """One chunk of one head, second half: ``dQ, dK, dβ, d log_a`` from the first half's sums (module docstring;
+    decay factors masked by the segment runs when ``refs`` starts with a runs ref)."""
+    *optional, dq_ref, dk_ref, d_beta_ref, d_log_a_ref = refs
+    runs, run_last = chunk_runs(optional[0] if optional else None, 0, chunk)  # [C], [1] (None without segments)
     dtype = q_ref.dtype
     q, k = q_ref[...], k_ref[...]  # [C, K]
     k32 = k.astype(jnp.float32)
     beta = beta_ref[...]  # [C]
-    _, from_start, to_end = _gate_factors(cum_ref, chunk)  # [C] each
+    _, from_start, to_end = _gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
     d_out, pseudo = d_out_ref[...].astype(dtype), pseudo_ref[...].astype(dtype)  # dO, U  [C, V]
     state, d_leaving = state_ref[...].astype(dtype), d_leaving_ref[...].astype(dtype)  # S, dS'  [K, V]
-    decay = causal_decay(cum_ref[...])  # Γ, causal  [C, C]
+    decay = causal_decay(cum_ref[...], runs)  # Γ, causal  [C, C]
     scores = dot_transposed_rhs(q, k)  # Q Kᵀ  [C, C]
     gram = dot_transposed_rhs(k, k)  # G  [C, C]
     rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
@@ -163,11 +178,12 @@ def _key_side_kernel(q_ref, k_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, sta
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_out: jax.Array, beta: jax.Array,
                 cum: jax.Array, inverse: jax.Array, states: jax.Array, d_leaving: jax.Array, *, chunk: int,
                 value_block: int, float32_dots: str = "ieee", num_warps: int | None = None,
-                interpret=None) -> tuple[jax.Array, ...]:
+                interpret=None, runs: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """Per-head ``(dq, dk [B, T, H, K], dv [B, T, H, V], dβ, d log_a [B, T, H])`` (module docstring); ``dq, dk``
     in q's dtype when every group has one head, else float32 (the caller sums them over each group's heads);
     ``dv`` in v's dtype; ``dβ, d log_a`` float32. ``float32_dots``: precision of the float32 products
-    (``float32_dots.FLOAT32_DOTS``)."""
+    (``float32_dots.FLOAT32_DOTS``). ``runs [B, T]`` int32: the segment runs of packed sequences, None for one
+    sequence per row."""
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
     group_of = heads // groups
@@ -181,27 +197,30 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_o
     head_states = pl.BlockSpec((None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0))
     gates_shape = jax.ShapeDtypeStruct((batch, length, heads), jnp.float32)
     grid = (batch, heads, length // chunk)
+    runs_specs, runs_operands = runs_operand(runs, chunk, lambda b, h, n: (b, n))
     dv, d_coupling, dk_values, d_beta_values, d_gates_values = pl.pallas_call(
         functools.partial(_value_side_kernel, chunk=chunk, value_block=value_block, precision=precision),
         grid=grid,
         in_specs=[group_rows, group_rows, head_values, head_values, head_values, head_gates, head_gates,
-                  head_square, head_states, head_states],
+                  head_square, head_states, head_states, *runs_specs],
         out_specs=[head_values, head_square, head_keys, head_gates, head_gates],
         out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
                    jax.ShapeDtypeStruct((batch, length, heads, chunk), jnp.float32),
                    jax.ShapeDtypeStruct((batch, length, heads, key_dim), jnp.float32), gates_shape, gates_shape],
         name="gdn_chunk_grads_values",
         **launch_options(interpret, num_warps),
-    )(q, k, v, pseudo, d_out, beta, cum, inverse, states, d_leaving)  # dV, dY Uᵀ, −γ ⊙ dV Sᵀ, β / gate terms
+    )(q, k, v, pseudo, d_out, beta, cum, inverse, states, d_leaving,
+      *runs_operands)  # dV, dY Uᵀ, −γ ⊙ dV Sᵀ, β / gate terms
     dq, dk, d_beta, d_log_a = pl.pallas_call(
         functools.partial(_key_side_kernel, chunk=chunk, precision=precision),
         grid=grid,
         in_specs=[group_rows, group_rows, head_values, head_values, head_gates, head_gates, head_states,
-                  head_states, head_square, head_keys, head_gates, head_gates],
+                  head_states, head_square, head_keys, head_gates, head_gates, *runs_specs],
         out_specs=[head_keys, head_keys, head_gates, head_gates],
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype),
                    jax.ShapeDtypeStruct((batch, length, heads, key_dim), key_dtype), gates_shape, gates_shape],
         name="gdn_chunk_grads_keys",
         **launch_options(interpret, num_warps),
-    )(q, k, pseudo, d_out, beta, cum, states, d_leaving, d_coupling, dk_values, d_beta_values, d_gates_values)
+    )(q, k, pseudo, d_out, beta, cum, states, d_leaving, d_coupling, dk_values, d_beta_values, d_gates_values,
+      *runs_operands)
     return dq, dk, dv, d_beta, d_log_a

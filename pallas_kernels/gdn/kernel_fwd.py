@@ -12,6 +12,12 @@ state ``S_n [K, V]`` entering chunk ``n`` (Yang, Kautz, Hatamizadeh 2025, §3.2)
 
 Inputs: ``q, k [B, T, G, K]`` (head h reads group h // R), ``w``, ``decayed_keys = K ⊙ exp(g_C − g)``
 ``[B, T, H, K]``, ``u0 [B, T, H, V]``, ``cum [B, T, H]`` float32, ``initial [B, H, K, V]`` float32.
+
+Packed sequences: the optional ``runs [B, T]`` int32 operand (``pallas_kernels.ssd.common``) masks the carry
+``γ_C × [no start in the chunk]``, the pairs ``Γ_ij × [same run]`` and the state read ``γ_i × [runs_i = 0]``;
+``W`` and ``K̃`` come masked from ``kernel_ut``. A segment starting at token t is the recurrence with ``a_t = 0``,
+and these masked factors are exactly that limit, so the outputs are the delta rule with resets. Without runs
+the kernels are the single-sequence ones.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.ssd.common import dot, dot_transposed_lhs, last_row, launch_options
-from pallas_kernels.ssd.kernel_fwd import chunk_outputs_kernel
+from pallas_kernels.ssd.common import (carry_decay, chunk_runs, dot, dot_transposed_lhs, last_row, launch_options,
+                                       runs_operand)
+from pallas_kernels.ssd.kernel_fwd import _segmented_chunk_outputs_kernel, chunk_outputs_kernel
 
 
-def _chunk_states_kernel(w_ref, u0_ref, decayed_ref, cum_ref, initial_ref, states_ref, pseudo_ref, final_ref, *,
-                         chunk: int, num_chunks: int):
-    """Sequential over chunks: store ``S``, ``U = U₀ − W S``, then ``S ← γ_C S + (K ⊙ exp(g_C − g))ᵀ U``."""
+def _chunk_states_kernel(w_ref, u0_ref, decayed_ref, cum_ref, initial_ref, *refs, chunk: int, num_chunks: int):
+    """Sequential over chunks: store ``S``, ``U = U₀ − W S``, then ``S ← γ_C S + (K ⊙ exp(g_C − g))ᵀ U`` (the
+    carry ``γ_C`` masked by the segment runs when ``refs`` starts with a runs ref)."""
+    *optional, states_ref, pseudo_ref, final_ref = refs
+    runs_ref = optional[0] if optional else None
 
     def step(n, state):  # state [K, BV] float32
         states_ref[n] = state.astype(states_ref.dtype)
@@ -36,23 +45,28 @@ def _chunk_states_kernel(w_ref, u0_ref, decayed_ref, cum_ref, initial_ref, state
         w = w_ref[rows, :]  # [C, K]
         decayed_keys = decayed_ref[rows, :]  # K ⊙ exp(g_C − g)  [C, K]
         cum_last = last_row(cum_ref, n * chunk, chunk)  # g_C  [1]
+        _, run_last = chunk_runs(runs_ref, n * chunk, chunk)  # [1] (None without segments)
         pseudo = u0_ref[rows, :].astype(jnp.float32) - dot(w, state.astype(w.dtype))  # U  [C, BV]
         pseudo = pseudo.astype(pseudo_ref.dtype)
         pseudo_ref[rows, :] = pseudo
-        return jnp.exp(cum_last)[:, None] * state + dot_transposed_lhs(decayed_keys.astype(pseudo.dtype), pseudo)
+        carry = carry_decay(cum_last, run_last)  # γ_C (× [no start in the chunk])  [1]
+        return carry[:, None] * state + dot_transposed_lhs(decayed_keys.astype(pseudo.dtype), pseudo)
 
     final_ref[...] = jax.lax.fori_loop(0, num_chunks, step, initial_ref[...].astype(jnp.float32))
 
 
 def chunk_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.Array, initial: jax.Array, *,
                  chunk: int, value_block: int, state_dtype, num_warps: int | None = None,
-                 num_stages: int | None = None, interpret=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 num_stages: int | None = None, interpret=None,
+                 runs: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(entering states ``[B, H, N, K, V]`` in ``state_dtype``, pseudo-values ``U [B, T, H, V]`` in u0's dtype,
-    final state ``[B, H, K, V]`` float32)."""
+    final state ``[B, H, K, V]`` float32). ``runs [B, T]`` int32: the segment runs of packed sequences, None for
+    one sequence per row."""
     batch, length, heads, key_dim = w.shape
     value_dim = u0.shape[3]
     num_chunks = length // chunk
     kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=num_chunks)
+    runs_specs, runs_operands = runs_operand(runs, length, lambda b, h, j: (b, 0))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, value_dim // value_block),
@@ -62,6 +76,7 @@ def chunk_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.
             pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
             pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h)),
             pl.BlockSpec((None, None, key_dim, value_block), lambda b, h, j: (b, h, 0, j)),
+            *runs_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, num_chunks, key_dim, value_block), lambda b, h, j: (b, h, 0, 0, j)),
@@ -73,17 +88,20 @@ def chunk_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.
                    jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         name="gdn_chunk_states",
         **launch_options(interpret, num_warps, num_stages),
-    )(w, u0, decayed_keys, cum, initial)
+    )(w, u0, decayed_keys, cum, initial, *runs_operands)
 
 
 def chunk_outputs(q: jax.Array, k: jax.Array, pseudo: jax.Array, cum: jax.Array, states: jax.Array, *, chunk: int,
-                  value_block: int, num_warps: int | None = None, interpret=None) -> jax.Array:
-    """Outputs ``[B, T, H, V]`` in the pseudo-values' dtype from the entering states of ``chunk_states``."""
+                  value_block: int, num_warps: int | None = None, interpret=None,
+                  runs: jax.Array | None = None) -> jax.Array:
+    """Outputs ``[B, T, H, V]`` in the pseudo-values' dtype from the entering states of ``chunk_states``
+    (``runs`` as there)."""
     batch, length, groups, key_dim = q.shape
     heads, value_dim = pseudo.shape[2], pseudo.shape[3]
     group_of = heads // groups
+    runs_specs, runs_operands = runs_operand(runs, chunk, lambda b, h, n, j: (b, n))
     return pl.pallas_call(
-        chunk_outputs_kernel,
+        chunk_outputs_kernel if runs is None else _segmented_chunk_outputs_kernel,
         grid=(batch, heads, length // chunk, value_dim // value_block),
         in_specs=[
             pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n, j: (b, n, h // group_of, 0)),
@@ -91,9 +109,10 @@ def chunk_outputs(q: jax.Array, k: jax.Array, pseudo: jax.Array, cum: jax.Array,
             pl.BlockSpec((None, chunk, None, value_block), lambda b, h, n, j: (b, n, h, j)),
             pl.BlockSpec((None, chunk, None), lambda b, h, n, j: (b, n, h)),
             pl.BlockSpec((None, None, None, key_dim, value_block), lambda b, h, n, j: (b, h, n, 0, j)),
+            *runs_specs,
         ],
         out_specs=pl.BlockSpec((None, chunk, None, value_block), lambda b, h, n, j: (b, n, h, j)),
         out_shape=jax.ShapeDtypeStruct(pseudo.shape, pseudo.dtype),
         name="gdn_chunk_outputs",
         **launch_options(interpret, num_warps, None),
-    )(q, k, pseudo, cum, states)
+    )(q, k, pseudo, cum, states, *runs_operands)

@@ -25,9 +25,9 @@
 The GPU defaults follow the gated delta rule kernels (``pallas_kernels.gdn.blocks``). Backward, H100, B = 1,
 T = 16K, H = 16, K = V = 128, bf16, each kernel alone: the reverse level-cotangent pass 5.5 ms on 16-column tiles
 (8.9 ms on 32, 107 ms on 2 warps); ``P_n`` 0.88 / 1.34 / 1.99 ms with 64- / 32- / 16-row blocks; the level-read
-gradients 0.54 / 0.65 / 0.89 ms with 128- / 64- / 32-column steps; the per-chunk gradients 9.8 ms on 4 warps
-(10.4 on 8; as one kernel they asked for 256–336 KiB of shared memory and did not run). TPU tiles are multiples
-of 8 x 128, so the value blocks are the whole value dim there.
+gradients 0.54 / 0.65 / 0.89 ms with 128- / 64- / 32-column steps; the per-chunk gradients 7.5 ms on 4 warps
+in four kernels (9.8 ms in three, 10.4 on 8 warps; as one kernel they asked for 256–336 KiB of shared memory
+and did not run). TPU tiles are multiples of 8 x 128, so the value blocks are the whole value dim there.
 """
 
 from __future__ import annotations
