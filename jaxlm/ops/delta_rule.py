@@ -34,7 +34,7 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
       initial_state: ``[B, H, K, V]`` state before step 0 (zeros when None).
       return_final_state: also return the state after the last step.
       impl: ``"recurrent"`` (scan over time), ``"chunked"`` (WY/UT chunkwise), ``"auto"`` (chunked for now) or
-        ``"pallas"`` (``pallas_kernels.gdn``: Pallas kernels, interpret mode on CPU; no segment ids).
+        ``"pallas"`` (``pallas_kernels.gdn``: Pallas kernels, interpret mode on CPU).
       chunk_size: chunk length C of the chunked form (any T works: the last chunk is padded).
       segment_ids: ``[B, T]`` int ids of packed sequences; the state resets to zero where the id changes
         (step 0 continues ``initial_state``).
@@ -54,12 +54,10 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
     if impl == "recurrent":
         out, final_state = _gated_delta_rule_recurrent(q, k, v, log_a, beta, initial_state, starts)
     elif impl == "pallas":
-        if segment_ids is not None:
-            raise ValueError("gated_delta_rule(impl='pallas'): segment_ids are not supported by the Pallas kernels; "
-                             "use impl='chunked' (or 'auto') for packed sequences")
         from pallas_kernels.gdn import gated_delta_rule_pallas  # the kernels import jaxlm.ops for their backward
 
-        out, final_state = gated_delta_rule_pallas(q, k, v, log_a, beta, initial_state, chunk_size)
+        out, final_state = gated_delta_rule_pallas(q, k, v, log_a, beta, initial_state, chunk_size,
+                                                   segment_ids=segment_ids)
     else:
         out, final_state = gated_delta_rule_chunked(q, k, v, log_a, beta, initial_state, starts, chunk_size)
     out = out.astype(v.dtype)

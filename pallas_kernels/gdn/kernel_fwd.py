@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.ssd.common import (carry_decay, chunk_runs, dot, dot_transposed_lhs, last_row, launch_options,
                                        runs_operand)
-from pallas_kernels.ssd.kernel_fwd import _segmented_chunk_outputs_kernel, chunk_outputs_kernel
+from pallas_kernels.ssd.kernel_fwd import chunk_outputs_kernel, segmented_chunk_outputs_kernel
 
 
 def _chunk_states_kernel(w_ref, u0_ref, decayed_ref, cum_ref, initial_ref, *refs, chunk: int, num_chunks: int):
@@ -101,7 +101,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, pseudo: jax.Array, cum: jax.Array,
     group_of = heads // groups
     runs_specs, runs_operands = runs_operand(runs, chunk, lambda b, h, n, j: (b, n))
     return pl.pallas_call(
-        chunk_outputs_kernel if runs is None else _segmented_chunk_outputs_kernel,
+        chunk_outputs_kernel if runs is None else segmented_chunk_outputs_kernel,
         grid=(batch, heads, length // chunk, value_dim // value_block),
         in_specs=[
             pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n, j: (b, n, h // group_of, 0)),

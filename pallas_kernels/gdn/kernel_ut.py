@@ -7,8 +7,8 @@ Within a chunk of C tokens (``g`` the within-chunk inclusive cumulative log gate
     W = X diag(β γ) K   [C, K],    U₀ = X diag(β) V   [C, V],
 
 so that the pseudo-values of a chunk entering with state ``S`` are ``U = U₀ − W S``. ``X`` is built from
-``b × b`` blocks (``b`` = ``sub_block``, ``[S, S]`` in the shape comments): each diagonal block ``X_ii = (I + L_ii)⁻¹`` by repeated squaring
-(``pallas_kernels.triangular``), and the blocks below the diagonal by
+``b × b`` blocks (``b`` = ``sub_block``, ``[S, S]`` in the shape comments): each diagonal block
+``X_ii = (I + L_ii)⁻¹`` by repeated squaring (``pallas_kernels.triangular``), and the blocks below the diagonal by
 
     X_ij = −X_ii Σ_{m=j}^{i−1} L_im X_mj    (j < i),
 

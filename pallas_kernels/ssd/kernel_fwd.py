@@ -63,7 +63,7 @@ def chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref):
     _write_chunk_output(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, None)
 
 
-def _segmented_chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, runs_ref, out_ref):
+def segmented_chunk_outputs_kernel(q_ref, k_ref, v_ref, cum_ref, state_ref, runs_ref, out_ref):
     """One chunk of packed sequences: ``chunk_outputs_kernel`` with the segment masks of ``runs_ref [C]``."""
     _write_chunk_output(q_ref, k_ref, v_ref, cum_ref, state_ref, out_ref, runs_ref[...])
 
@@ -89,7 +89,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, cum: jax.Array, stat
     group_of = heads // groups
     runs_specs, runs_operands = runs_operand(runs, chunk, lambda b, h, n, j: (b, n))
     return pl.pallas_call(
-        chunk_outputs_kernel if runs is None else _segmented_chunk_outputs_kernel,
+        chunk_outputs_kernel if runs is None else segmented_chunk_outputs_kernel,
         grid=(batch, heads, length // chunk, value_dim // value_block),
         in_specs=[
             token_spec(time_major, None, chunk, key_dim, lambda b, h, n, j: (b, h // group_of, n, 0)),

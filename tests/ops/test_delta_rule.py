@@ -210,8 +210,6 @@ def test_steps_equal_parallel_form():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(impl="pallas", segment_ids=jnp.zeros((B, T), jnp.int32)), ValueError,
-     "segment_ids are not supported by the Pallas kernels"),
     (dict(impl="fast"), ValueError, "impl must be one of"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive integer"),
     (dict(initial_state=jnp.zeros((B, H, K, V + 1))), ValueError, "initial_state must be"),

@@ -153,8 +153,3 @@ def test_unsupported_shapes_raise_clear_errors():
     with pytest.raises(UnsupportedShapeError, match="output_value_block=24 must be >= 16 and divide value_dim=32"):
         gated_delta_rule_pallas(q, k, v, log_a, beta, initial, blocks=GDNBlocks(16, 16, 24))
 
-
-def test_segment_ids_raise_a_clear_error():
-    q, k, v, log_a, beta, _ = as_jax(random_inputs(1))
-    with pytest.raises(ValueError, match="segment_ids are not supported by the Pallas kernels"):
-        gated_delta_rule(q, k, v, log_a, beta, impl="pallas", segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
