@@ -52,6 +52,7 @@ zero gradient there requires. Without runs the kernels are the single-sequence o
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,17 +64,17 @@ from pallas_kernels.ssd.common import (carry_decay, causal_decay, chunk_runs, do
                                        write_decay)
 
 
-def _row_sums(x: jax.Array) -> jax.Array:
+def row_sums(x: jax.Array) -> jax.Array:
     """``Σ_j x_ij``: ``[C, M] -> [C]``."""
     return jnp.sum(x, axis=1)
 
 
-def _col_sums(x: jax.Array) -> jax.Array:
+def col_sums(x: jax.Array) -> jax.Array:
     """``Σ_i x_ij``: ``[C, C] -> [C]``."""
     return jnp.sum(x, axis=0)
 
 
-def _gate_factors(cum_ref, chunk: int, runs=None, run_last=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def gate_factors(cum_ref, chunk: int, runs=None, run_last=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(g [C], γ = exp(g) [C], exp(g_C − g) [C])`` of one chunk (``γ``, ``exp(g_C − g)`` masked by the segment
     runs ``[C]``, ``[1]`` when given)."""
     cum = cum_ref[...]  # [C] float32
@@ -94,7 +95,7 @@ def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, in
                 written=jnp.zeros((), jnp.float32), overlap=jnp.zeros((), jnp.float32))
     for start in range(0, v_ref.shape[1], value_block):
         cols = pl.ds(start, value_block)
-        _, from_start, to_end = _gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
+        _, from_start, to_end = gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
         beta = beta_ref[...]  # [C]
         k32 = k_ref[...].astype(jnp.float32)  # [C, K]
         d_out, pseudo32 = d_out_ref[:, cols].astype(dtype), pseudo_ref[:, cols].astype(jnp.float32)  # dO, U [C, BV]
@@ -107,13 +108,13 @@ def _value_block_sums(k_ref, v_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, in
         d_values = beta[:, None] * d_solved  # dV = dV'  [C, BV]
         dv_ref[:, cols] = d_values.astype(dv_ref.dtype)
         erased = v_ref[:, cols].astype(jnp.float32) - kept  # V'  [C, BV]
-        written_rows = _row_sums(pseudo32 * written)  # [C]
+        written_rows = row_sums(pseudo32 * written)  # [C]
         sums["d_coupling"] += dot_transposed_rhs(d_solved, pseudo32, precision)
         sums["dk"] -= dot_transposed_rhs((from_start[:, None] * d_values).astype(dtype), state)
-        sums["d_beta"] += _row_sums(d_solved * erased)
-        sums["d_gates"] -= _row_sums(d_values * kept) + written_rows
+        sums["d_beta"] += row_sums(d_solved * erased)
+        sums["d_gates"] -= row_sums(d_values * kept) + written_rows
         sums["written"] += jnp.sum(written_rows)
-        sums["overlap"] += jnp.sum(_row_sums(state32 * d_leaving32))
+        sums["overlap"] += jnp.sum(row_sums(state32 * d_leaving32))
     return sums
 
 
@@ -148,7 +149,7 @@ def _key_side_kernel(q_ref, k_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, sta
     q, k = q_ref[...], k_ref[...]  # [C, K]
     k32 = k.astype(jnp.float32)
     beta = beta_ref[...]  # [C]
-    _, from_start, to_end = _gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
+    _, from_start, to_end = gate_factors(cum_ref, chunk, runs, run_last)  # [C] each
     d_out, pseudo = d_out_ref[...].astype(dtype), pseudo_ref[...].astype(dtype)  # dO, U  [C, V]
     state, d_leaving = state_ref[...].astype(dtype), d_leaving_ref[...].astype(dtype)  # S, dS'  [K, V]
     decay = causal_decay(cum_ref[...], runs)  # Γ, causal  [C, C]
@@ -167,12 +168,32 @@ def _key_side_kernel(q_ref, k_ref, pseudo_ref, d_out_ref, beta_ref, cum_ref, sta
           + dot(d_gram + d_gram.T, k32, precision))  # [C, K]
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    d_beta_ref[...] = d_beta_values_ref[...] + _row_sums(d_coupling * gram)
+    d_beta_ref[...] = d_beta_values_ref[...] + row_sums(d_coupling * gram)
 
     pair_gates = d_attention * scores + d_gram * gram  # dA ⊙ Q Kᵀ + Z_β ⊙ G  [C, C]
-    d_gates = (_row_sums(q.astype(jnp.float32) * dq_state) + d_gates_values_ref[...]
-               + _row_sums(pair_gates) - _col_sums(pair_gates))  # dg  [C]
-    d_log_a_ref[...] = _row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
+    d_gates = (row_sums(q.astype(jnp.float32) * dq_state) + d_gates_values_ref[...]
+               + row_sums(pair_gates) - col_sums(pair_gates))  # dg  [C]
+    d_log_a_ref[...] = row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
+
+
+class ChunkSpecs(NamedTuple):
+    """Per-(batch, head, chunk) BlockSpecs of the time-major ``[B, T, X, D]`` operands, grid ``(b, h, n)``."""
+
+    group_rows: pl.BlockSpec  # [C, K] rows of the head's q/k group
+    head_keys: pl.BlockSpec  # [C, K] rows of the head
+    head_values: pl.BlockSpec  # [C, V] rows of the head
+    head_gates: pl.BlockSpec  # [C] of a [B, T, H] array
+    head_square: pl.BlockSpec  # [C, C] of a [B, T, H, C] array (one row per token)
+
+
+def chunk_specs(chunk: int, key_dim: int, value_dim: int, heads_per_group: int) -> ChunkSpecs:
+    """The ``ChunkSpecs`` of one chunk of one head (head h reads q/k group ``h // heads_per_group``)."""
+    return ChunkSpecs(
+        group_rows=pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h // heads_per_group, 0)),
+        head_keys=pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0)),
+        head_values=pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0)),
+        head_gates=pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h)),
+        head_square=pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0)))
 
 
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_out: jax.Array, beta: jax.Array,
@@ -189,11 +210,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, pseudo: jax.Array, d_o
     group_of = heads // groups
     key_dtype = q.dtype if group_of == 1 else jnp.float32
     precision = float32_precision(float32_dots, interpret)
-    group_rows = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h // group_of, 0))
-    head_keys = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0))
-    head_values = pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0))
-    head_gates = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
-    head_square = pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))
+    group_rows, head_keys, head_values, head_gates, head_square = chunk_specs(chunk, key_dim, value_dim, group_of)
     head_states = pl.BlockSpec((None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0))
     gates_shape = jax.ShapeDtypeStruct((batch, length, heads), jnp.float32)
     grid = (batch, heads, length // chunk)

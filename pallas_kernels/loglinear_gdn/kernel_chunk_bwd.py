@@ -50,26 +50,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn.float32_dots import float32_precision
+from pallas_kernels.gdn.kernel_chunk_bwd import chunk_specs, col_sums, gate_factors, row_sums
 from pallas_kernels.loglinear.kernel_fwd import in_chunk_level_masks, in_chunk_level_weights
 from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
                                        launch_options)
 from pallas_kernels.triangular import identity_matrix, strictly_lower_mask
-
-
-def _row_sums(x: jax.Array) -> jax.Array:
-    """``Σ_j x_ij``: ``[C, M] -> [C]``."""
-    return jnp.sum(x, axis=1)
-
-
-def _col_sums(x: jax.Array) -> jax.Array:
-    """``Σ_i x_ij``: ``[C, C] -> [C]``."""
-    return jnp.sum(x, axis=0)
-
-
-def _gate_factors(cum_ref, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(g [C], γ = exp(g) [C], e = exp(g_C − g) [C])`` of one chunk."""
-    cum = cum_ref[...]  # [C] float32
-    return cum, jnp.exp(cum), jnp.exp(last_row(cum_ref, 0, chunk) - cum)
 
 
 def _last_row_only(value: jax.Array, chunk: int) -> jax.Array:
@@ -82,7 +67,7 @@ def _transition_side_kernel(k_ref, v_ref, w_ref, cum_ref, d_transitions_ref, d_w
     """``dU₀ = K̃ dX``, ``−K̃ P`` (of ``dW``), ``−W Pᵀ`` (of ``dK̃``), ``V dXᵀ`` and ``γ_C tr P`` (last row)."""
     k, v = k_ref[...], v_ref[...]  # [C, K], [C, V]
     chunk = k.shape[0]
-    _, _, to_end = _gate_factors(cum_ref, chunk)  # e  [C]
+    _, _, to_end = gate_factors(cum_ref, chunk)  # e  [C]
     decayed_keys = (k.astype(jnp.float32) * to_end[:, None]).astype(k.dtype)  # K̃  [C, K]
     d_transition = d_transitions_ref[...]  # P  [K, K] float32
     d_writes = d_writes_ref[...].astype(k.dtype)  # dX  [K, V]
@@ -101,7 +86,7 @@ def _value_side_kernel(q_ref, k_ref, v_ref, d_out_ref, inverse_ref, beta_ref, cu
     q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], d_out_ref[...].astype(v_ref.dtype)  # [C, K|V]
     dtype = q.dtype
     chunk = q.shape[0]
-    cum, from_start, _ = _gate_factors(cum_ref, chunk)  # g, γ  [C]
+    cum, from_start, _ = gate_factors(cum_ref, chunk)  # g, γ  [C]
     solved = inverse_ref[...] * beta_ref[...][None, :]  # B = 𝒯 diag(β)  [C, C]
     attention = dot_transposed_rhs(q, k) * causal_decay(cum)  # A  [C, C]
     pairs = dot(attention, solved, precision)  # A B  [C, C]
@@ -109,7 +94,7 @@ def _value_side_kernel(q_ref, k_ref, v_ref, d_out_ref, inverse_ref, beta_ref, cu
     level_weights = in_chunk_level_weights(masks, [lam_ref[level] for level in range(in_chunk_levels)])  # Λ
     d_out_values = dot_transposed_rhs(d_out, v)  # dO Vᵀ  [C, C]
     for row in range(lam_ref.shape[0]):
-        d_lam_ref[row] = (_row_sums(jnp.where(masks[row], d_out_values * pairs, 0.0)) if row < in_chunk_levels
+        d_lam_ref[row] = (row_sums(jnp.where(masks[row], d_out_values * pairs, 0.0)) if row < in_chunk_levels
                           else jnp.zeros((chunk,), jnp.float32))
     d_values_solved = d_values_solved_ref[...]  # dU₀  [C, V] float32
     dv = (dot_transposed_lhs((pairs * level_weights).astype(dtype), d_out)
@@ -128,7 +113,7 @@ def _coupling_side_kernel(k_ref, inverse_ref, beta_ref, cum_ref, d_solved_ref, d
     k = k_ref[...]  # [C, K]
     k32 = k.astype(jnp.float32)
     chunk = k.shape[0]
-    cum, from_start, to_end = _gate_factors(cum_ref, chunk)  # g, γ, e  [C]
+    cum, from_start, to_end = gate_factors(cum_ref, chunk)  # g, γ, e  [C]
     beta = beta_ref[...]  # [C]
     inverse = inverse_ref[...]  # 𝒯  [C, C] float32
     solved = inverse * beta[None, :]  # B  [C, C]
@@ -140,14 +125,14 @@ def _coupling_side_kernel(k_ref, inverse_ref, beta_ref, cum_ref, d_solved_ref, d
                             0.0)  # dL  [C, C]
     gram = dot_transposed_rhs(k, k)  # G  [C, C]
     coupling_gates = beta[:, None] * d_coupling * decay  # Z_β  [C, C]
-    d_beta_ref[...] = _col_sums(d_solved * inverse) + _row_sums(d_coupling * decay * gram)
+    d_beta_ref[...] = col_sums(d_solved * inverse) + row_sums(d_coupling * decay * gram)
     d_decayed_keys = d_decayed_ref[...] + dot(solved, values_writes_ref[...], precision)  # dK̃  [C, K]
     dk_ref[...] = (from_start[:, None] * back + to_end[:, None] * d_decayed_keys
                    + dot(coupling_gates + coupling_gates.T, k32, precision))  # dK but dSᵀ Q  [C, K]
-    written = to_end * _row_sums(k32 * d_decayed_keys)  # e ⊙ rows(K ⊙ dK̃)  [C]
+    written = to_end * row_sums(k32 * d_decayed_keys)  # e ⊙ rows(K ⊙ dK̃)  [C]
     coupling_pairs = coupling_gates * gram  # Z_β ⊙ G  [C, C]
-    d_gates_ref[...] = (d_gates_in_ref[...] + from_start * _row_sums(k32 * back) - written
-                        + _row_sums(coupling_pairs) - _col_sums(coupling_pairs)
+    d_gates_ref[...] = (d_gates_in_ref[...] + from_start * row_sums(k32 * back) - written
+                        + row_sums(coupling_pairs) - col_sums(coupling_pairs)
                         + _last_row_only(jnp.sum(written), chunk))  # dg but its Q and dS terms  [C]
 
 
@@ -158,7 +143,7 @@ def _score_side_kernel(q_ref, k_ref, v_ref, d_out_ref, w_ref, inverse_ref, beta_
     q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], d_out_ref[...].astype(v_ref.dtype)  # [C, K|V]
     dtype = q.dtype
     chunk = q.shape[0]
-    cum, from_start, _ = _gate_factors(cum_ref, chunk)  # g, γ  [C]
+    cum, from_start, _ = gate_factors(cum_ref, chunk)  # g, γ  [C]
     solved = inverse_ref[...] * beta_ref[...][None, :]  # B  [C, C]
     decay = causal_decay(cum)  # Γ  [C, C]
     masks = in_chunk_level_masks(chunk, in_chunk_levels)
@@ -171,11 +156,11 @@ def _score_side_kernel(q_ref, k_ref, v_ref, d_out_ref, w_ref, inverse_ref, beta_
     dq_ref[...] = (dot(d_scores.astype(dtype), k) + from_start[:, None] * d_queries).astype(dq_ref.dtype)
     dk_ref[...] = (dot_transposed_lhs(d_scores.astype(dtype), q) + dk_partial_ref[...]).astype(dk_ref.dtype)
     score_pairs = d_scores * dot_transposed_rhs(q, k)  # dS ⊙ Q Kᵀ  [C, C]
-    d_gates = (d_gates_partial_ref[...] + from_start * _row_sums(q.astype(jnp.float32) * d_queries)
-               + _row_sums(score_pairs) - _col_sums(score_pairs))  # dg  [C]
+    d_gates = (d_gates_partial_ref[...] + from_start * row_sums(q.astype(jnp.float32) * d_queries)
+               + row_sums(score_pairs) - col_sums(score_pairs))  # dg  [C]
     rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    d_log_a_ref[...] = _row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
+    d_log_a_ref[...] = row_sums(jnp.where(cols >= rows, d_gates[None, :], 0.0))  # Σ_{j ≥ i} dg_j
 
 
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, w: jax.Array, inverse: jax.Array,
@@ -191,11 +176,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, w: j
     group_of = heads // groups
     key_dtype = q.dtype if group_of == 1 else jnp.float32
     precision = float32_precision(float32_dots, interpret)
-    group_rows = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h // group_of, 0))
-    head_keys = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0))
-    head_values = pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0))
-    head_gates = pl.BlockSpec((None, chunk, None), lambda b, h, n: (b, n, h))
-    head_square = pl.BlockSpec((None, chunk, None, chunk), lambda b, h, n: (b, n, h, 0))
+    group_rows, head_keys, head_values, head_gates, head_square = chunk_specs(chunk, key_dim, value_dim, group_of)
     lam_spec = pl.BlockSpec((None, None, lam_rows.shape[2], chunk), lambda b, h, n: (b, h, 0, n))
     gates_shape = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
     keys_shape = jax.ShapeDtypeStruct((batch, length, heads, key_dim), jnp.float32)
