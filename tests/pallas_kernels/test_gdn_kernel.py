@@ -11,20 +11,13 @@ from jaxlm.ops.delta_rule import gated_delta_rule
 from pallas_kernels.gdn import GDNBlocks, gated_delta_rule_pallas, gdn_blocks
 from pallas_kernels.triangular import unit_lower_inverse
 from pallas_kernels.registry import UnsupportedShapeError
+from kernel_inputs import random_gdn_inputs
 
 
 def random_inputs(seed, batch=2, length=45, groups=1, heads=2, key_dim=16, value_dim=32, with_initial=True):
-    """``(q, k, v, log_a, beta, initial)`` float64: unit-norm keys, decays in (0.5, 1), β in (0.1, 0.95)."""
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(batch, length, groups, key_dim))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.7, size=(batch, length, heads))
-    beta = rng.uniform(0.1, 0.95, size=(batch, length, heads))
-    initial = rng.normal(size=(batch, heads, key_dim, value_dim)) if with_initial else np.zeros(
-        (batch, heads, key_dim, value_dim))
-    return q, k, v, log_a, beta, initial
+    """``kernel_inputs.random_gdn_inputs`` with a zero initial state when ``with_initial`` is False."""
+    return random_gdn_inputs(seed, batch, length, groups, heads, key_dim, value_dim,
+                             initial="random" if with_initial else "zeros")
 
 
 def float64_recurrence(q, k, v, log_a, beta, initial):

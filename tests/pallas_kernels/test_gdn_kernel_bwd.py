@@ -15,20 +15,13 @@ from pallas_kernels.gdn.chunk_local import chunk_local_outputs
 from pallas_kernels.gdn.kernel_chunk_bwd import chunk_grads
 
 from jaxlm.ops.delta_rule_chunked import pad_time
+from kernel_inputs import random_gdn_inputs
 
 
 def random_inputs(seed, batch, length, groups, heads, key_dim=16, value_dim=32, with_initial=True):
-    """``(q, k, v, log_a, beta, initial)`` float64: unit-norm keys, decays in (0.5, 1), β in (0.1, 0.95);
-    ``initial`` is None without an initial state."""
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(batch, length, groups, key_dim))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.7, size=(batch, length, heads))
-    beta = rng.uniform(0.1, 0.95, size=(batch, length, heads))
-    initial = rng.normal(size=(batch, heads, key_dim, value_dim)) if with_initial else None
-    return q, k, v, log_a, beta, initial
+    """``kernel_inputs.random_gdn_inputs``; ``initial`` is None without an initial state."""
+    return random_gdn_inputs(seed, batch, length, groups, heads, key_dim, value_dim,
+                             initial="random" if with_initial else None)
 
 
 def assert_close(actual, expected, tol, name):

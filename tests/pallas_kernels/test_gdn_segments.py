@@ -15,37 +15,17 @@ from jaxlm.ops.delta_rule import gated_delta_rule
 from pallas_kernels.gdn import gated_delta_rule_pallas, gdn_blocks
 from pallas_kernels.gdn.api import _gdn_forward
 from pallas_kernels.ssd.api import segment_runs
+from kernel_inputs import packed_segment_ids, random_gdn_inputs
 
 CHUNK = 16
 NAMES = ("dq", "dk", "dv", "d_log_a", "d_beta", "d_initial")
 
 
 def random_inputs(seed, batch=2, length=45, groups=2, heads=4, key_dim=16, value_dim=32):
-    """``(q, k, v, log_a, beta, initial)`` and the cotangents ``(d_out, d_final)``, float64 numpy: unit-norm keys,
-    decays in (0.5, 1), β in (0.1, 0.95)."""
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(batch, length, groups, key_dim))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.7, size=(batch, length, heads))
-    beta = rng.uniform(0.1, 0.95, size=(batch, length, heads))
-    initial = rng.normal(size=(batch, heads, key_dim, value_dim))
-    cotangents = (rng.normal(size=v.shape), rng.normal(size=initial.shape))
-    return (q, k, v, log_a, beta, initial), cotangents
-
-
-def packed_segment_ids(length=45):
-    """Two rows of ids, chunk edges at 16 and 32. Row 0: starts at 5 (mid-chunk), 16 (on an edge), 20, 22, 23
-    (three in one chunk; 22 is a one-token segment) and 40; ids repeat non-adjacently. Row 1: starts at 32 (on an
-    edge), 33 (one-token segment at 32) and 44 (the last token alone)."""
-    row0 = np.zeros(length, np.int32)
-    for start, value in ((5, 3), (16, 7), (20, 3), (22, 9), (23, 1), (40, 7)):
-        row0[start:] = value
-    row1 = np.full(length, 2, np.int32)
-    for start, value in ((32, 5), (33, 6), (44, 8)):
-        row1[start:] = value
-    return np.stack([row0, row1])[:, :length]
+    """``kernel_inputs.random_gdn_inputs`` and random cotangents ``(d_out, d_final)``, float64 numpy."""
+    inputs = random_gdn_inputs(seed, batch, length, groups, heads, key_dim, value_dim)
+    rng = np.random.default_rng(seed + 1000)
+    return inputs, (rng.normal(size=inputs[2].shape), rng.normal(size=inputs[5].shape))
 
 
 def outputs_and_grads(inputs, cotangents, dtype, segment_ids, backward=None, **block_changes):

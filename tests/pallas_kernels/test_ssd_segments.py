@@ -14,6 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxlm.ops.ssd import ssd
 from pallas_kernels.ssd import ssd_blocks, ssd_pallas
 from pallas_kernels.ssd.api import segment_runs
+from kernel_inputs import packed_segment_ids
 
 CHUNK = 16
 
@@ -28,19 +29,6 @@ def random_inputs(seed, batch=2, length=45, groups=2, heads=4, key_dim=16, value
     dout = rng.normal(size=v.shape)
     dfinal = rng.normal(size=initial.shape)
     return (q, k, v, log_a, initial), (dout, dfinal)
-
-
-def packed_segment_ids(length=45):
-    """Two rows of ids for T=45 and chunk 16 (chunk edges at 16 and 32). Row 0: starts at 5 (mid-chunk), 16 (on
-    an edge), 20, 22, 23 (three in one chunk; 22 is a one-token segment) and 40; ids repeat non-adjacently.
-    Row 1: starts at 32 (on an edge), 33 (one-token segment at 32) and 44 (the last token alone)."""
-    row0 = np.zeros(length, np.int32)
-    for start, value in ((5, 3), (16, 7), (20, 3), (22, 9), (23, 1), (40, 7)):
-        row0[start:] = value
-    row1 = np.full(length, 2, np.int32)
-    for start, value in ((32, 5), (33, 6), (44, 8)):
-        row1[start:] = value
-    return np.stack([row0, row1])[:, :length]
 
 
 def float64_reset_recurrence(q, k, v, log_a, initial, segment_ids):
