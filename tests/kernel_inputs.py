@@ -6,23 +6,40 @@ from __future__ import annotations
 import numpy as np
 
 
-def random_gdn_inputs(seed: int, batch: int, length: int, groups: int, heads: int, key_dim: int = 16,
-                      value_dim: int = 32, initial: str | None = "random") -> tuple:
-    """``(q, k, v, log_a, beta, initial_state)`` float64 numpy for the gated delta rule: unit-norm keys, decays
-    ``exp(log_a)`` in (0.5, 1), β in (0.1, 0.95); ``initial`` ``"random"``, ``"zeros"`` or None (no state)."""
-    rng = np.random.default_rng(seed)
+def gated_draws(rng: np.random.Generator, batch: int, length: int, groups: int, heads: int, key_dim: int,
+                value_dim: int, max_log_decay: float) -> tuple:
+    """``(q, k, v, log_a, beta)`` float64 drawn from ``rng`` in that order: unit-norm keys, ``−log_a`` in
+    (0.01, ``max_log_decay``), β in (0.1, 0.95)."""
     q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
     k = rng.normal(size=(batch, length, groups, key_dim))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.7, size=(batch, length, heads))
+    log_a = -rng.uniform(0.01, max_log_decay, size=(batch, length, heads))
     beta = rng.uniform(0.1, 0.95, size=(batch, length, heads))
+    return q, k, v, log_a, beta
+
+
+def random_gdn_inputs(seed: int, batch: int, length: int, groups: int, heads: int, key_dim: int = 16,
+                      value_dim: int = 32, initial: str | None = "random") -> tuple:
+    """``(q, k, v, log_a, beta, initial_state)`` float64 numpy for the gated delta rule (``gated_draws``, decays
+    ``exp(log_a)`` in (0.5, 1)); ``initial`` ``"random"``, ``"zeros"`` or None (no state)."""
+    rng = np.random.default_rng(seed)
+    draws = gated_draws(rng, batch, length, groups, heads, key_dim, value_dim, max_log_decay=0.7)
     state_shape = (batch, heads, key_dim, value_dim)
     states = {"random": lambda: rng.normal(size=state_shape), "zeros": lambda: np.zeros(state_shape),
               None: lambda: None}
     if initial not in states:
         raise ValueError(f"initial={initial!r} must be 'random', 'zeros' or None")
-    return q, k, v, log_a, beta, states[initial]()
+    return (*draws, states[initial]())
+
+
+def random_loglinear_gdn_inputs(seed: int, length: int, groups: int, heads: int, levels: int, key_dim: int,
+                                value_dim: int, max_log_decay: float) -> tuple:
+    """``(q, k, v, log_a, beta, lam)`` float64 numpy for one sequence (``gated_draws``), ``lam`` in (0.2, 1.8)
+    with ``levels`` columns."""
+    rng = np.random.default_rng(seed)
+    draws = gated_draws(rng, 1, length, groups, heads, key_dim, value_dim, max_log_decay)
+    return (*draws, rng.uniform(0.2, 1.8, size=(1, length, heads, levels)))
 
 
 def packed_segment_ids(length: int = 45) -> np.ndarray:

@@ -21,6 +21,7 @@ from pallas_kernels.loglinear_gdn.backward import chunk_levels, chunk_map, head_
 from pallas_kernels.loglinear_gdn.kernel_bwd import level_cotangents
 from pallas_kernels.loglinear_gdn.kernel_chunk_bwd import chunk_grads
 from pallas_kernels.loglinear_gdn.level_inputs import level_rows
+from kernel_inputs import random_loglinear_gdn_inputs
 
 CHUNK = 16
 NAMES = ("dq", "dk", "dv", "dlog_a", "dbeta", "dlam")
@@ -28,15 +29,7 @@ NAMES = ("dq", "dk", "dv", "dlog_a", "dbeta", "dlam")
 
 def random_inputs(seed, length, groups, heads, levels, key_dim=16, value_dim=32):
     """``(q, k, v, log_a, beta, lam)`` float64 for one sequence, unit-norm keys, ``lam`` with ``levels`` columns."""
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(1, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(1, length, groups, key_dim))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(1, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.3, size=(1, length, heads))
-    beta = rng.uniform(0.1, 0.95, size=(1, length, heads))
-    lam = rng.uniform(0.2, 1.8, size=(1, length, heads, levels))
-    return q, k, v, log_a, beta, lam
+    return random_loglinear_gdn_inputs(seed, length, groups, heads, levels, key_dim, value_dim, max_log_decay=0.3)
 
 
 def assert_close(actual, expected, tol, name=""):

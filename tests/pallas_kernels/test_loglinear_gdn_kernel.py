@@ -16,21 +16,15 @@ from pallas_kernels.gdn.kernel_ut import ut_transform
 from pallas_kernels.loglinear_gdn import LogLinearGDNBlocks, loglinear_gated_delta_rule_pallas
 from pallas_kernels.loglinear_gdn.kernel_fwd import level_states
 from pallas_kernels.registry import UnsupportedShapeError
+from kernel_inputs import random_loglinear_gdn_inputs
 
 CHUNK = 16
 
 
 def random_inputs(seed, length, groups=1, heads=2, key_dim=16, value_dim=16):
     """``(q, k, v, log_a, beta, lam)`` float64 for one sequence, unit-norm keys, ``lam`` with one extra column."""
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(1, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(1, length, groups, key_dim))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(1, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.4, size=(1, length, heads))
-    beta = rng.uniform(0.1, 0.95, size=(1, length, heads))
-    lam = rng.uniform(0.2, 1.8, size=(1, length, heads, (length - 1).bit_length() + 2))
-    return q, k, v, log_a, beta, lam
+    return random_loglinear_gdn_inputs(seed, length, groups, heads, (length - 1).bit_length() + 2, key_dim,
+                                       value_dim, max_log_decay=0.4)
 
 
 def assert_close(actual, expected, tol):
