@@ -55,6 +55,14 @@ def _chunk_states_kernel(w_ref, u0_ref, decayed_ref, cum_ref, initial_ref, *refs
     final_ref[...] = jax.lax.fori_loop(0, num_chunks, step, initial_ref[...].astype(jnp.float32))
 
 
+def transition_specs(length: int, key_dim: int, value_block: int) -> list[pl.BlockSpec]:
+    """BlockSpecs of a sequential pass over the chunks, grid ``(b, h, value block j)``: the whole row of one head
+    of ``W``, of the value block ``j`` of ``U₀``, of ``K̃`` and of the gates ``g`` (time-major ``[B, T, H, ...]``)."""
+    keys = pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0))
+    return [keys, pl.BlockSpec((None, length, None, value_block), lambda b, h, j: (b, 0, h, j)), keys,
+            pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h))]
+
+
 def chunk_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.Array, initial: jax.Array, *,
                  chunk: int, value_block: int, state_dtype, num_warps: int | None = None,
                  num_stages: int | None = None, interpret=None,
@@ -71,10 +79,7 @@ def chunk_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.
         kernel,
         grid=(batch, heads, value_dim // value_block),
         in_specs=[
-            pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, length, None, value_block), lambda b, h, j: (b, 0, h, j)),
-            pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h)),
+            *transition_specs(length, key_dim, value_block),
             pl.BlockSpec((None, None, key_dim, value_block), lambda b, h, j: (b, h, 0, j)),
             *runs_specs,
         ],

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gdn.kernel_fwd import transition_specs
 from pallas_kernels.loglinear.kernel_fwd import (in_chunk_level_masks, in_chunk_level_weights, merge_masks,
                                                  reads_level)
 from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, last_row,
@@ -104,12 +105,7 @@ def level_states(w: jax.Array, u0: jax.Array, decayed_keys: jax.Array, cum: jax.
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, value_dim // value_block),
-        in_specs=[
-            pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, length, None, value_block), lambda b, h, j: (b, 0, h, j)),
-            pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h)),
-        ],
+        in_specs=transition_specs(length, key_dim, value_block),
         out_specs=pl.BlockSpec((None, None, num_chunks, num_levels, key_dim, value_block),
                                lambda b, h, j: (b, h, 0, 0, 0, j)),
         out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks, num_levels, key_dim, value_dim), state_dtype),
