@@ -16,7 +16,7 @@ def float32_precision(name: str, interpret=None):
     """The ``dot_general`` precision for ``name`` (one of ``FLOAT32_DOTS``) in a kernel launched with
     ``interpret`` (None: interpret on a CPU backend)."""
     if name not in FLOAT32_DOTS:
-        raise ValueError(f"gated_delta_rule pallas kernel: float32 dots {name!r} must be one of {FLOAT32_DOTS}")
+        raise ValueError(f"pallas kernel: float32_dots={name!r} must be one of {FLOAT32_DOTS}")
     interpret = interpret_mode() if interpret is None else interpret
     if name == "ieee" or interpret or backend() != "gpu":
         return jax.lax.Precision.HIGHEST

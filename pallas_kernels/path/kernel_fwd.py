@@ -56,7 +56,7 @@ def optional_specs(gate, segments, length: int, gate_index) -> tuple[list, list]
     return specs, operands
 
 
-def _own_block_terms(q, k, w, transform, precision):
+def own_block_terms(q, k, w, transform, precision):
     """(intra-block logits ``S = Q Kᵀ − A_q 𝒯 A_k`` ``[C, C]``, queries at the block start
     ``Q̄ = Q − A_q 𝒯 W`` ``[C, D]``), float32, from the block's ``q, k, w [C, D]`` and ``transform [C, C]``."""
     block = q.shape[0]
@@ -91,7 +91,7 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, scale: float, 
             visible = same_segment if visible is None else visible & same_segment
         return logits if visible is None else jnp.where(visible, logits, MASKED_LOGIT)
 
-    intra, queries = _own_block_terms(q_ref[...], raw_keys_ref[...], directions_ref[...], transform_ref[...],
+    intra, queries = own_block_terms(q_ref[...], raw_keys_ref[...], directions_ref[...], transform_ref[...],
                                       precision)  # [C, C], [C, D]
     rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)

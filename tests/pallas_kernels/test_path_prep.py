@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from jax import enable_x64
 
-from jaxlm.ops.path_blockwise import block_products, keys_to_block_end, to_blocks, ut_transform
+from jaxlm.ops.path_blockwise import block_products, intra_block_terms, keys_to_block_end, to_blocks, ut_transform
 from pallas_kernels.path.api import padded_time_major, path_attention_pallas
-from pallas_kernels.path.kernel_prep import path_preprocess
+from pallas_kernels.path.kernel_bwd import head_major
+from pallas_kernels.path.kernel_prep import path_preprocess, path_query_terms
 
 
 def random_block_inputs(seed, batch, length, groups, dim):
@@ -77,3 +78,25 @@ def test_attention_with_kernel_preprocessing_equals_xla_preprocessing():
     np.testing.assert_allclose(np.asarray(outputs[1]), np.asarray(outputs[0]), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="preprocess"):
         path_attention_pallas(q, k, v1, w, jnp.asarray(beta, jnp.float32), preprocess="cuda")
+
+
+def test_query_terms_match_float64_intra_block_terms():
+    """Q̄ and S per query head (two heads per KV head, T not a multiple of the block) against the XLA block
+    terms in float64."""
+    batch, length, groups, heads_per_group, dim, block = 2, 40, 2, 2, 16, 16
+    k, w, beta = random_block_inputs(11, batch, length, groups, dim)
+    q = np.random.default_rng(12).normal(size=(batch, length, groups * heads_per_group, dim))
+    transform64, _, _ = float64_terms(k, w, beta, block)  # [B, G, N·C, C]
+    with enable_x64():
+        qb = to_blocks(jnp.asarray(q.reshape(batch, length, groups, heads_per_group, dim)), block)
+        kb, wb = (to_blocks(jnp.asarray(x), block) for x in (k, w))
+        transform = jnp.asarray(transform64).reshape(batch, groups, -1, block, block).transpose(0, 2, 1, 3, 4)
+        intra, queries = intra_block_terms(qb, kb, wb, transform)  # [B, N, G, R, C, C], [B, N, C, G, R, D]
+        num_blocks = qb.shape[1]
+        want_intra = np.asarray(intra.transpose(0, 2, 3, 1, 4, 5).reshape(batch, -1, num_blocks * block, block))
+        want_queries = np.asarray(queries.transpose(0, 3, 4, 1, 2, 5).reshape(batch, -1, num_blocks * block, dim))
+    got_queries, got_intra = path_query_terms(*(head_major(jnp.asarray(x, jnp.float32), block) for x in (q, k, w)),
+                                              jnp.asarray(transform64, jnp.float32), block=block)
+    for name, got, want in (("queries", got_queries, want_queries), ("intra", got_intra, want_intra)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5 * np.max(np.abs(want)), rtol=0,
+                                   err_msg=name)
