@@ -1,8 +1,13 @@
-"""Backend choice shared by every kernel family: compiled Pallas on GPU/TPU, interpret mode on CPU."""
+"""Backend choice shared by every kernel family: compiled Pallas on GPU/TPU, interpret mode on CPU, and the
+``impl="auto"`` rule of ``jaxlm.ops``."""
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import jax
+
+Result = TypeVar("Result")
 
 
 def interpret_mode() -> bool:
@@ -18,3 +23,15 @@ def backend() -> str:
 
 class UnsupportedShapeError(ValueError):
     """A kernel was asked for a shape or dtype it does not handle; ``impl="auto"`` falls back to XLA."""
+
+
+def kernels_unless_unsupported(kernels: Callable[[], Result], xla: Callable[[], Result]) -> Result:
+    """``impl="auto"``: ``kernels()`` (the Pallas path) on a GPU, falling back to ``xla()`` (the XLA chunked or
+    blockwise path) when the kernels raise ``UnsupportedShapeError`` for these inputs; ``xla()`` on every other
+    backend (TPU and CPU: on CPU the kernels would only run in interpret mode)."""
+    if backend() == "gpu":
+        try:
+            return kernels()
+        except UnsupportedShapeError:
+            pass
+    return xla()

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.ops.delta_rule_chunked import expand_head_groups, gated_delta_rule_chunked, segment_starts
+from pallas_kernels.registry import kernels_unless_unsupported
 
 IMPLS = ("recurrent", "chunked", "pallas", "auto")
 
@@ -33,8 +34,9 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
       log_a: ``[B, T, H]`` log decay (≤ 0); beta: ``[B, T, H]`` write strength (in [0, 1] for a contraction).
       initial_state: ``[B, H, K, V]`` state before step 0 (zeros when None).
       return_final_state: also return the state after the last step.
-      impl: ``"recurrent"`` (scan over time), ``"chunked"`` (WY/UT chunkwise), ``"auto"`` (chunked for now) or
-        ``"pallas"`` (``pallas_kernels.gdn``: Pallas kernels, interpret mode on CPU).
+      impl: ``"recurrent"`` (scan over time), ``"chunked"`` (WY/UT chunkwise), ``"pallas"``
+        (``pallas_kernels.gdn``: Pallas kernels, interpret mode on CPU) or ``"auto"`` (the kernels on a GPU when
+        they take the inputs, else chunked: ``pallas_kernels.registry.kernels_unless_unsupported``).
       chunk_size: chunk length C of the chunked form (any T works: the last chunk is padded).
       segment_ids: ``[B, T]`` int ids of packed sequences; the state resets to zero where the id changes
         (step 0 continues ``initial_state``).
@@ -51,15 +53,23 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array,
         initial_state = jnp.zeros((batch_size, num_heads, q.shape[-1], value_dim), jnp.float32)
     initial_state = initial_state.astype(jnp.float32)
     starts = segment_starts(segment_ids, batch_size, length)  # [B, T]
+
+    def chunked():
+        return gated_delta_rule_chunked(q, k, v, log_a, beta, initial_state, starts, chunk_size)
+
+    def kernels():
+        from pallas_kernels.gdn import gated_delta_rule_pallas  # the kernels import jaxlm.ops for their backward
+
+        return gated_delta_rule_pallas(q, k, v, log_a, beta, initial_state, chunk_size, segment_ids=segment_ids)
+
     if impl == "recurrent":
         out, final_state = _gated_delta_rule_recurrent(q, k, v, log_a, beta, initial_state, starts)
     elif impl == "pallas":
-        from pallas_kernels.gdn import gated_delta_rule_pallas  # the kernels import jaxlm.ops for their backward
-
-        out, final_state = gated_delta_rule_pallas(q, k, v, log_a, beta, initial_state, chunk_size,
-                                                   segment_ids=segment_ids)
+        out, final_state = kernels()
+    elif impl == "chunked":
+        out, final_state = chunked()
     else:
-        out, final_state = gated_delta_rule_chunked(q, k, v, log_a, beta, initial_state, starts, chunk_size)
+        out, final_state = kernels_unless_unsupported(kernels, chunked)
     out = out.astype(v.dtype)
     return (out, final_state) if return_final_state else out
 

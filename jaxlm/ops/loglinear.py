@@ -12,10 +12,11 @@ Shapes: ``q, k: [B, T, G, K]``, ``v: [B, T, H, V]`` (head h reads group ``h // (
 ``log_a, beta: [B, T, H]``, ``lam: [B, T, H, L]`` with ``L >= num_levels(T) = ceil(log2 T) + 1`` (extra
 columns are ignored). Implementations: ``"recurrent"`` (a scan over time carrying the Fenwick level stack
 ``[B, H, L, K, V]`` float32, the readable reference), ``"chunked"`` (``loglinear_chunks``, O(T log T)),
-``"auto"`` (= chunked for now), ``"pallas"`` (``pallas_kernels.loglinear`` for log-linear SSD,
-``pallas_kernels.loglinear_gdn`` for log-linear Gated DeltaNet: Pallas forward and backward kernels with the
-Fenwick levels fused into one sequential pass over the chunks in each direction, interpret mode on CPU; the
-kernels choose their own chunk per backend; no segment ids). The decode steps update the level stack.
+``"pallas"`` (``pallas_kernels.loglinear`` for log-linear SSD, ``pallas_kernels.loglinear_gdn`` for log-linear
+Gated DeltaNet: Pallas forward and backward kernels with the Fenwick levels fused into one sequential pass over
+the chunks in each direction, interpret mode on CPU; the kernels choose their own chunk per backend; no segment
+ids), ``"auto"`` (the kernels on a GPU when they take the inputs, chunked otherwise, e.g. with segment ids:
+``pallas_kernels.registry.kernels_unless_unsupported``). The decode steps update the level stack.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jaxlm.ops.fenwick import fenwick_level, merge_levels, num_levels, segment_p
 from jaxlm.ops.delta_rule import gated_delta_rule
 from jaxlm.ops.loglinear_chunks import chunked_loglinear
 from jaxlm.ops.ssd import ssd
+from pallas_kernels.registry import UnsupportedShapeError, kernels_unless_unsupported
 
 LOGLINEAR_IMPLS = ("recurrent", "chunked", "auto", "pallas")
 
@@ -231,22 +233,29 @@ def _loglinear(name, q, k, v, log_a, beta, lam, impl, chunk_size, segment_ids):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
             or chunk_size & (chunk_size - 1):
         raise ValueError(f"{name}: chunk_size must be a positive power of two, got {chunk_size!r}")
-    heads = v.shape[2]
-    lam = lam[..., :num_levels(q.shape[1])]
-    q, k = _expand_groups(q, heads, axis=2), _expand_groups(k, heads, axis=2)
-    if impl == "recurrent":
-        out = _recurrent_loglinear(q, k, v, log_a, beta, lam, segment_ids)
-    else:
-        out = chunked_loglinear(q, k, v, log_a, beta, lam, chunk_size, segment_ids)
-    return out.astype(v.dtype)
+
+    def xla(xla_impl):
+        heads = v.shape[2]
+        levels = lam[..., :num_levels(q.shape[1])]
+        q_heads, k_heads = _expand_groups(q, heads, axis=2), _expand_groups(k, heads, axis=2)
+        if xla_impl == "recurrent":
+            out = _recurrent_loglinear(q_heads, k_heads, v, log_a, beta, levels, segment_ids)
+        else:
+            out = chunked_loglinear(q_heads, k_heads, v, log_a, beta, levels, chunk_size, segment_ids)
+        return out.astype(v.dtype)
+
+    if impl == "auto":
+        return kernels_unless_unsupported(lambda: _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids),
+                                          lambda: xla("chunked"))
+    return xla(impl)
 
 
 def _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids):
     """``impl="pallas"``: ``pallas_kernels.loglinear`` (SSD) or ``pallas_kernels.loglinear_gdn`` (Gated DeltaNet),
     grouped heads passed as they are."""
     if segment_ids is not None:
-        raise ValueError(f"{name}(impl='pallas'): segment_ids are not supported by the Pallas kernels; use "
-                         "impl='chunked' (or 'auto') for packed sequences")
+        raise UnsupportedShapeError(f"{name}(impl='pallas'): segment_ids are not supported by the Pallas kernels; "
+                                    "use impl='chunked' (or 'auto') for packed sequences")
     if beta is not None:
         from pallas_kernels.loglinear_gdn import loglinear_gated_delta_rule_pallas  # XLA impls do not need it
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxlm.ops.path_blockwise import MASKED_LOGIT, accumulation_dtype, keys_to_sequence_end
 from jaxlm.ops.path_blockwise_vjp import path_attention_linear_memory
+from pallas_kernels.registry import kernels_unless_unsupported
 
 PATH_IMPLS = ("naive", "blockwise", "pallas", "auto")
 
@@ -42,9 +43,10 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
       beta: ``[B, T, G]`` Householder strengths in (0, 2).
       log_f: ``[B, T, H]`` log forget gates (≤ 0) per query head, or None (no gate).
       scale: logit scale, default ``D ** -0.5``.
-      impl: ``"naive"``, ``"blockwise"``, ``"auto"`` (= blockwise for now) or ``"pallas"`` (``pallas_kernels.path``:
-        preprocessing, forward and backward Pallas kernels, interpret mode on CPU; head dim and block size
-        powers of two >= 16, float32 or bfloat16 inputs).
+      impl: ``"naive"``, ``"blockwise"``, ``"pallas"`` (``pallas_kernels.path``: preprocessing, forward and
+        backward Pallas kernels, interpret mode on CPU; head dim and block size powers of two >= 16, float32 or
+        bfloat16 inputs) or ``"auto"`` (the kernels on a GPU when they take the inputs, else blockwise:
+        ``pallas_kernels.registry.kernels_unless_unsupported``).
       block_size: tokens per block of the blockwise form (any T works: the tail is padded and masked).
       segment_ids: ``[B, T]`` int ids of contiguous packed segments; no attention across segments.
       backward_group_size: query blocks that share one scan of the blockwise backward pass (its memory is
@@ -54,20 +56,29 @@ def path_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, beta:
     """
     check_path_inputs(q, k, v, w, beta, log_f, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "pallas":
+    if impl not in PATH_IMPLS:
+        raise ValueError(f"path_attention impl must be one of {PATH_IMPLS}, got {impl!r}")
+    if impl == "naive":
+        return naive_path_attention(q, k, v, w, beta, log_f, scale=scale, segment_ids=segment_ids)
+
+    def kernels():
         from pallas_kernels.path import path_attention_pallas  # the kernels import jaxlm.ops for their backward
 
         return path_attention_pallas(q, k, v, w, beta, log_f, segment_ids, scale=scale, block_size=block_size,
                                      backward_group_size=backward_group_size)
-    if impl == "naive":
-        return naive_path_attention(q, k, v, w, beta, log_f, scale=scale, segment_ids=segment_ids)
-    if impl in ("blockwise", "auto"):
+
+    def blockwise():
         for name, value in (("block_size", block_size), ("backward_group_size", backward_group_size)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"path_attention {name} must be a positive integer, got {value!r}")
         return path_attention_linear_memory(q, k, v, w, beta, log_f, segment_ids, scale, block_size,
                                             backward_group_size)
-    raise ValueError(f"path_attention impl must be one of {PATH_IMPLS}, got {impl!r}")
+
+    if impl == "pallas":
+        return kernels()
+    if impl == "blockwise":
+        return blockwise()
+    return kernels_unless_unsupported(kernels, blockwise)
 
 
 def check_path_inputs(q, k, v, w, beta, log_f=None, segment_ids=None) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.registry import kernels_unless_unsupported
+
 SSD_IMPLS = ("recurrent", "chunked", "pallas", "auto")
 
 
@@ -35,8 +37,9 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
       initial_state: ``[B, H, K, V]`` state before token 0 (zeros when None).
       return_final_state: also return the state after the last token.
       impl: ``"recurrent"`` (a scan over time, the reference), ``"chunked"`` (the chunkwise SSD form),
-        ``"auto"`` (the chunked form for now) or ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward and
-        backward kernels, interpret mode on CPU; segment ids supported).
+        ``"pallas"`` (``pallas_kernels.ssd``: Pallas forward and backward kernels, interpret mode on CPU;
+        segment ids supported) or ``"auto"`` (the kernels on a GPU when they take the inputs, else chunked:
+        ``pallas_kernels.registry.kernels_unless_unsupported``).
       chunk_size: tokens per chunk of the chunked form (any T is accepted). The Pallas kernels choose their
         own chunk per backend (``pallas_kernels.ssd.ssd_blocks``).
       segment_ids: ``[B, T]`` int; the state resets where the id changes from the previous token.
@@ -49,14 +52,23 @@ def ssd(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, *,
     if initial_state is None:
         initial_state = jnp.zeros((batch_size, num_heads, q.shape[-1], value_dim), jnp.float32)
     starts = _segment_starts(segment_ids, v.shape[:2])  # [B, T] bool
-    if impl == "recurrent":
-        out, final_state = _ssd_recurrent(q, k, v, log_a, initial_state, starts)
-    elif impl in ("chunked", "auto"):
-        out, final_state = _ssd_chunked(q, k, v, log_a, initial_state, starts, chunk_size)
-    else:
+
+    def chunked():
+        return _ssd_chunked(q, k, v, log_a, initial_state, starts, chunk_size)
+
+    def kernels():
         from pallas_kernels.ssd import ssd_pallas  # imported here: the XLA impls do not need the kernels
 
-        out, final_state = ssd_pallas(q, k, v, log_a, initial_state, segment_ids=segment_ids)
+        return ssd_pallas(q, k, v, log_a, initial_state, segment_ids=segment_ids)
+
+    if impl == "recurrent":
+        out, final_state = _ssd_recurrent(q, k, v, log_a, initial_state, starts)
+    elif impl == "chunked":
+        out, final_state = chunked()
+    elif impl == "pallas":
+        out, final_state = kernels()
+    else:
+        out, final_state = kernels_unless_unsupported(kernels, chunked)
     out = out.astype(v.dtype)
     return (out, final_state) if return_final_state else out
 
