@@ -90,8 +90,9 @@ def with_cudnn_ratios(rows: list[dict]) -> list[dict]:
 def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str]:
     """Forward ms of the XLA precomputation (blockwise terms in the kernel layout) and of the Pallas kernel
     alone, per ``block:num_warps:num_stages`` variant (0 = Pallas' default), on bf16 inputs without gate."""
-    from pallas_kernels.path.api import kernel_layout
+    from pallas_kernels.path.blocks import path_blocks
     from pallas_kernels.path.kernel_fwd import path_forward
+    from pallas_kernels.path.layout import kernel_layout
 
     batch, length, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, w, beta = make_inputs(batch, length, heads, dim, jnp.bfloat16, False)
@@ -99,7 +100,8 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
     for variant in variants:
         block, num_warps, num_stages = (int(x) for x in variant.split(":"))
         try:
-            precompute = jax.jit(lambda *x: kernel_layout(*x, block, "xla"))
+            blocks = path_blocks(dim, jnp.bfloat16, block, preprocess="xla")
+            precompute = jax.jit(lambda *x: kernel_layout(*x, blocks))
             kernel_inputs = precompute(q, k, v, w, beta)
             kernel = jax.jit(lambda *x: path_forward(*x, block=block, scale=dim ** -0.5,
                                                      num_warps=num_warps or None, num_stages=num_stages or None))
@@ -118,10 +120,11 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
 
 def pallas_preprocess_ms(k, w, beta, block: int, timed: dict) -> float:
     """Milliseconds of the Pallas preprocessing kernel (𝒯, carried keys, block products) on padded inputs."""
-    from pallas_kernels.path.api import padded_time_major
     from pallas_kernels.path.kernel_prep import path_preprocess
+    from pallas_kernels.path.layout import padded_time_major
 
-    prep = jax.jit(lambda *x: path_preprocess(*(padded_time_major(a, block) for a in x), block=block))
+    prep = jax.jit(lambda *x: path_preprocess(*(padded_time_major(a, block) for a in x), block=block,
+                                              sub_block=min(32, block), float32_dots="tf32x3"))
     return 1e3 * median_seconds(lambda: prep(k, w, beta.astype(jnp.float32)), **timed)
 
 

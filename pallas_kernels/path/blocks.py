@@ -8,9 +8,13 @@ tiles. ``num_warps`` / ``num_stages``: Triton settings (None: Pallas' defaults);
 pipeline stage on GPU (shared memory at D = 128, speed at D = 64), head dims above 128 are refused there.
 ``backward``: ``"kernels"`` (the Pallas backward of ``kernel_bwd``) or ``"xla"`` (the linear-memory XLA backward of
 ``jaxlm.ops.path_blockwise_vjp``, the reference); ``superblock``: key blocks per super-block of the query-side
-backward's recomputation (None: ``kernel_bwd.default_superblock``). ``preprocess``: where the forward's per-block
-terms (𝒯, carried keys, block products) are computed, ``"xla"`` (``jaxlm.ops.path_blockwise``; faster on an H100
-at 32 × 4096 × 32 × 64: 21 ms against 26 ms) or ``"kernel"`` (``kernel_prep``).
+backward's recomputation (None: ``kernel_bwd.default_superblock``). ``preprocess``: where the per-block terms
+(𝒯, carried keys, block products) are computed, ``"kernel"`` (``kernel_prep``, inverse blocks of
+``prep_sub_block`` tokens, the triangular system's products at ``float32_dots``; on an H100 at 32 × 4096 × 32 × 64
+8.9 ms with 32-token sub-blocks and TF32×3, against 21.8 ms for XLA's and 22–26 ms with full-float32 products)
+or ``"xla"`` (``jaxlm.ops.path_blockwise``). ``terms_backward``: how the Pallas backward rebuilds and pulls back
+the block terms, ``"kernel"`` (``kernel_prep.path_query_terms`` and ``kernel_terms_bwd``, whose products through
+the UT inverse also take ``float32_dots``) or ``"xla"`` (``jax.vjp`` of ``jaxlm.ops.path_blockwise.blockwise_terms``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ DEFAULT_BLOCK = {"gpu": 64, "tpu": 128, "cpu": 64}
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 BACKWARDS = ("kernels", "xla")
 PREPROCESSES = ("xla", "kernel")
+TERMS_BACKWARDS = ("kernel", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +39,10 @@ class PathBlocks:
     num_stages: int | None = None
     backward: str = "kernels"
     superblock: int | None = None
-    preprocess: str = "xla"
+    preprocess: str = "kernel"
+    terms_backward: str = "kernel"
+    prep_sub_block: int = 32  # the preprocessing kernel's inverse blocks
+    float32_dots: str = "tf32x3"  # products of the UT system and its pullback (gdn.float32_dots)
 
 
 def _is_power_of_two_from_16(value: int) -> bool:
@@ -42,7 +50,7 @@ def _is_power_of_two_from_16(value: int) -> bool:
 
 
 def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: str = "kernels",
-                superblock: int | None = None, preprocess: str = "xla") -> PathBlocks:
+                superblock: int | None = None, preprocess: str = "kernel", terms_backward: str = "kernel") -> PathBlocks:
     """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
     is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward`` or
     ``preprocess`` or a ``superblock`` that is not a positive integer."""
@@ -50,6 +58,8 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
         raise ValueError(f"path pallas kernel: backward={backward!r} must be one of {BACKWARDS}")
     if preprocess not in PREPROCESSES:
         raise ValueError(f"path pallas kernel: preprocess={preprocess!r} must be one of {PREPROCESSES}")
+    if terms_backward not in TERMS_BACKWARDS:
+        raise ValueError(f"path pallas kernel: terms_backward={terms_backward!r} must be one of {TERMS_BACKWARDS}")
     if superblock is not None and not (isinstance(superblock, int) and not isinstance(superblock, bool)
                                        and superblock > 0):
         raise ValueError(f"path pallas kernel: superblock={superblock!r} must be a positive integer or None")
@@ -71,4 +81,4 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
     # against 175 ms with the default, key side 62 against 84, forward 33.2 against 33.5.
     num_stages = 1 if backend() == "gpu" else None
     return PathBlocks(block=block, num_stages=num_stages, backward=backward, superblock=superblock,
-                      preprocess=preprocess)
+                      preprocess=preprocess, terms_backward=terms_backward, prep_sub_block=min(32, block))

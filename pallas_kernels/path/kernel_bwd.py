@@ -23,10 +23,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxlm.ops.path_blockwise import BlockwiseTerms, blockwise_terms, segment_blocks, to_blocks
+from jaxlm.ops.path_blockwise import BlockwiseTerms, blockwise_terms, segment_blocks
 from pallas_kernels.path.blocks import PathBlocks
 from pallas_kernels.path.kernel_bwd_key import path_backward_keys
 from pallas_kernels.path.kernel_bwd_query import path_backward_queries
+from pallas_kernels.path.kernel_prep import path_query_terms
+from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
+from pallas_kernels.path.layout import cumulative_gate, head_major, kernel_layout
 
 
 def default_superblock(num_blocks: int) -> int:
@@ -34,11 +37,6 @@ def default_superblock(num_blocks: int) -> int:
     balances the moves across super-blocks (≈ (n / S)² / 2 products) against those inside the query block's
     own super-block (≈ S² / 4)."""
     return max(1, math.isqrt(num_blocks - 1) + 1) if num_blocks > 1 else 1
-
-
-def head_major(x: jax.Array, block: int) -> jax.Array:
-    """``[B, T, X, D]`` -> ``[B, X, T', D]``, T padded with zeros to whole blocks (``β = 0`` there: H = I)."""
-    return jnp.moveaxis(to_blocks(x, block), 3, 1).reshape(x.shape[0], x.shape[2], -1, x.shape[3])
 
 
 def _grouped_to_head_major(x: jax.Array) -> jax.Array:
@@ -82,29 +80,80 @@ def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out,
 
     ``residuals = (q, k, v, w, beta, log_f, segment_ids, out, logsumexp)`` with the forward kernel's float32
     ``out [B, H, T', D]`` and ``logsumexp [B, H, N, C]``; ``d_out [B, T, H, D]``. ``superblock`` None picks
-    ``default_superblock``.
+    ``default_superblock``. The block terms are rebuilt and pulled back by kernels (``blocks.terms_backward ==
+    "kernel"``: ``kernel_layout``'s terms, ``kernel_prep.path_query_terms``, ``kernel_terms_bwd``) or by
+    ``jax.vjp`` of the XLA ``blockwise_terms`` (``"xla"``).
     """
     q, k, v, w, beta, log_f, segment_ids, out, logsumexp = residuals
+    if blocks.terms_backward == "xla":
+        terms, pullback = jax.vjp(functools.partial(blockwise_terms, block_size=blocks.block), q, k, v, w, beta,
+                                  log_f)
+        kv_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+        queries, intra, keys, values, products, gate = _kernel_terms(terms, kv_dtype)
+        cotangents = _term_cotangents(scale, blocks, interpret, residuals, d_out, superblock, queries, intra, keys,
+                                      values, products, gate if log_f is not None else None)
+        d_terms = _blockwise_cotangents(*cotangents, terms.queries_at_start.shape)
+        d_terms = jax.tree.map(lambda d, t: d.astype(t.dtype), d_terms, terms)
+        return (*pullback(d_terms), None)
+    return _backward_with_terms_kernels(scale, blocks, interpret, residuals, d_out, superblock)
+
+
+def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock, queries, intra, keys,
+                     values, products, gate):
+    """The query-side and key-side kernels: cotangents of the block terms ``(dQ̄ [B, H, T', D], dS [B, H, N·C,
+    C], dG [B, H, T'], dP [B, G, N·D, D], dK̄, dV [B, H, T', D])``, float32, from the terms in the kernels'
+    layout (``gate`` None: no forget gate)."""
+    q, k, v, _, _, _, segment_ids, out, logsumexp = residuals
     batch, length, heads, dim = q.shape
     block = blocks.block
     kv_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    terms, pullback = jax.vjp(functools.partial(blockwise_terms, block_size=block), q, k, v, w, beta, log_f)
-    queries, intra, keys, values, products, gate = _kernel_terms(terms, kv_dtype)
-    num_blocks = products.shape[2] // dim
     d_out_heads = head_major(d_out, block)  # [B, H, T', D]
     delta = jnp.sum(d_out_heads.astype(jnp.float32) * out, axis=-1)  # Δ_i = dO_i · O_i  [B, H, T']
     segments = None
     if segment_ids is not None:
         segments = segment_blocks(segment_ids, batch, length, block).reshape(batch, -1)  # [B, T']
     operands = (queries, intra, keys, values, products, d_out_heads.astype(kv_dtype),
-                logsumexp.reshape(batch, heads, -1), delta, gate if log_f is not None else None, segments)
+                logsumexp.reshape(batch, heads, -1), delta, gate, segments)
     settings = dict(block=block, scale=scale, interpret=interpret, num_warps=blocks.num_warps,
                     num_stages=blocks.num_stages)
+    num_blocks = products.shape[2] // dim
     superblock = default_superblock(num_blocks) if superblock is None else superblock
     d_queries, d_intra, d_query_gate, d_products = path_backward_queries(*operands, superblock=superblock,
                                                                          **settings)
     d_keys, d_values, d_key_gate = path_backward_keys(*operands, **settings)
-    d_terms = _blockwise_cotangents(d_queries, d_intra, d_query_gate + d_key_gate, d_products, d_keys, d_values,
-                                    terms.queries_at_start.shape)
-    d_terms = jax.tree.map(lambda d, t: d.astype(t.dtype), d_terms, terms)
-    return (*pullback(d_terms), None)
+    return d_queries, d_intra, d_query_gate + d_key_gate, d_products, d_keys, d_values
+
+
+def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock):
+    """``path_backward`` with the block terms and their pullback on kernels:
+
+        dq, dk, dw, dβ = kernel_terms_bwd(dQ̄, dS, Σ_r dK̄_r, dP),   dv = Σ_r dV_r,   dlog_f_t = Σ_{t' ≥ t} dG_t'
+
+    (``r`` the query heads of a KV head; the gate is the cumulative sum of the log forget gates)."""
+    q, k, v, w, beta, log_f, _, _, _ = residuals
+    batch, length, heads, dim = q.shape
+    groups = k.shape[2]
+    block = blocks.block
+    q_heads, k_heads, w_heads, transform, keys, values, products = kernel_layout(q, k, v, w, beta, blocks)
+    launch = dict(interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    queries, intra = path_query_terms(q_heads, k_heads, w_heads, transform, block=block, **launch)
+    d_queries, d_intra, d_gate, d_products, d_keys, d_values = _term_cotangents(
+        scale, blocks, interpret, residuals, d_out, superblock, queries, intra, keys, values, products,
+        cumulative_gate(log_f, block))
+
+    def group_sum(x):  # [B, H, T', D] -> [B, G, T', D]: the query heads of each KV head summed
+        return x.reshape(batch, groups, heads // groups, *x.shape[2:]).sum(axis=2)
+
+    beta_heads = head_major(beta.astype(jnp.float32)[..., None], block)[..., 0]  # [B, G, T']
+    dq, dk, dw, d_beta = path_terms_backward(q_heads, k_heads, w_heads, beta_heads, transform, d_queries, d_intra,
+                                             group_sum(d_keys), d_products, block=block,
+                                             float32_dots=blocks.float32_dots, **launch)
+
+    def time_major(x, dtype):  # [B, X, T', ...] -> [B, T, X, ...], padding dropped
+        return jnp.swapaxes(x, 1, 2)[:, :length].astype(dtype)
+
+    d_log_f = None
+    if log_f is not None:
+        d_log_f = jax.lax.cumsum(time_major(d_gate, jnp.float32), axis=1, reverse=True).astype(log_f.dtype)
+    return (time_major(dq, q.dtype), time_major(dk, k.dtype), time_major(group_sum(d_values), v.dtype),
+            time_major(dw, w.dtype), time_major(d_beta, beta.dtype), d_log_f, None)

@@ -1,7 +1,8 @@
 """PaTH Pallas backward kernels (interpret mode on CPU): every gradient (q, k, v, w, β, forget gate) against
 the float64 naive product form and against the XLA linear-memory backward, with GQA, T not a multiple of the
 block, segment boundaries inside blocks, β near 2 and exactly 1, several super-blocks; bf16 inputs without
-gate or segments; the super-block choice and the backward switch's errors."""
+gate or segments; the block terms rebuilt and pulled back by kernels (the default) and by XLA; the super-block
+choice and the backward switches' errors."""
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +74,14 @@ def test_gradients_match_float64_naive_and_xla_backward():
         kernels = pallas_gradients(as_float32, cotangent32, segment_ids, True, superblock=2)
         reference = pallas_gradients(as_float32, cotangent32, segment_ids, True, backward="xla",
                                      backward_group_size=2)
+        xla_terms = pallas_gradients(as_float32, cotangent32, segment_ids, True, superblock=2,
+                                     terms_backward="xla")
     expected = naive_gradients(inputs, cotangent, segment_ids, True)
-    for name, found, from_xla, wanted in zip(NAMES, kernels, reference, expected):
+    for name, found, from_xla, from_xla_terms, wanted in zip(NAMES, kernels, reference, xla_terms, expected):
         assert np.abs(wanted).max() > 1e-3, name  # every gradient is exercised
         assert_close(found, wanted, 1e-4, name)
         assert_close(found, from_xla, 2e-5, name)
+        assert_close(from_xla_terms, from_xla, 2e-5, name)
 
 
 def test_bfloat16_gradients_without_gate_or_segments():
@@ -103,3 +107,5 @@ def test_backward_switch_rejects_bad_values():
         path_attention_pallas(*args, block_size=16, backward="autodiff")
     with pytest.raises(ValueError, match="superblock=0 must be a positive integer"):
         path_attention_pallas(*args, block_size=16, superblock=0)
+    with pytest.raises(ValueError, match="terms_backward='autodiff' must be one of"):
+        path_attention_pallas(*args, block_size=16, terms_backward="autodiff")

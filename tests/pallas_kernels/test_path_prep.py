@@ -8,9 +8,9 @@ import pytest
 from jax import enable_x64
 
 from jaxlm.ops.path_blockwise import block_products, intra_block_terms, keys_to_block_end, to_blocks, ut_transform
-from pallas_kernels.path.api import padded_time_major, path_attention_pallas
-from pallas_kernels.path.kernel_bwd import head_major
+from pallas_kernels.path.api import path_attention_pallas
 from pallas_kernels.path.kernel_prep import path_preprocess, path_query_terms
+from pallas_kernels.path.layout import head_major, padded_time_major
 
 
 def random_block_inputs(seed, batch, length, groups, dim):
