@@ -148,7 +148,7 @@ def _kernel_backward(blocks, interpret, residuals, d_out):
                                num_warps=blocks.state_num_warps, interpret=interpret)  # [B, H, N, K, V]
     dq, dk, dv, gate, dlam_rows, dread_rows = chunk_grads(
         q_p, k_p, v_p, dout_p, levels.cum, levels.lam_rows, levels.read_rows, states, dstates, chunk=chunk,
-        in_chunk_levels=levels.in_chunk_levels, cross_levels=levels.cross_levels, num_warps=blocks.num_warps,
+        in_chunk_levels=levels.in_chunk_levels, cross_levels=levels.cross_levels, num_warps=blocks.grad_num_warps,
         interpret=interpret)
     dlog_a = jnp.flip(jnp.cumsum(jnp.flip(gate, axis=2), axis=2), axis=2)  # [B, H, T']
 
