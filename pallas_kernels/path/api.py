@@ -27,7 +27,7 @@ from pallas_kernels.path.layout import cumulative_gate, kernel_layout
 def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, scale: float | None = None,
                           block_size: int | None = None, backward_group_size: int = 4,
                           interpret=None, backward: str = "kernels", superblock: int | None = None,
-                          preprocess: str = "kernel", terms_backward: str = "kernel") -> jax.Array:
+                          preprocess: str | None = None, terms_backward: str | None = None) -> jax.Array:
     """``o_i = Σ_{j≤i} softmax_j(scale·q_iᵀ H_i … H_{j+1} k_j + G_i − G_j) v_j`` on the kernels.
 
     Arguments as in ``jaxlm.ops.path.path_attention`` (``q [B, T, H, D]``; ``k, v, w [B, T, G, D]``;
@@ -38,8 +38,9 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
     query blocks per scan); ``superblock``: key blocks per super-block of the Pallas backward's
     recomputation (None: ``kernel_bwd.default_superblock``); ``preprocess``: ``"xla"`` or ``"kernel"``, where
     the forward's per-block terms are computed; ``terms_backward``: ``"kernel"`` or ``"xla"``, how the Pallas
-    backward rebuilds and pulls back those terms (``blocks.PathBlocks``). Returns ``[B, T, H, D]`` in q's dtype.
-    Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
+    backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
+    ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU). Returns ``[B, T, H, D]`` in
+    q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
     """
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     blocks = path_blocks(q.shape[-1], dtype, block_size, backward, superblock, preprocess, terms_backward)

@@ -49,11 +49,22 @@ def _is_power_of_two_from_16(value: int) -> bool:
     return value >= 16 and not value & (value - 1)
 
 
+def default_terms_path(dtype) -> str:
+    """Where the block terms are built and pulled back when the caller names neither: ``"kernel"``, but
+    ``"xla"`` for float32 inputs on GPU, where the kernels' IEEE float32 products took minutes to compile
+    (the terms-backward kernel at D = 64 on an H100 ran past a 7-minute limit)."""
+    return "xla" if backend() == "gpu" and jnp.dtype(dtype) == jnp.float32 else "kernel"
+
+
 def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: str = "kernels",
-                superblock: int | None = None, preprocess: str = "kernel", terms_backward: str = "kernel") -> PathBlocks:
+                superblock: int | None = None, preprocess: str | None = None,
+                terms_backward: str | None = None) -> PathBlocks:
     """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
-    is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward`` or
-    ``preprocess`` or a ``superblock`` that is not a positive integer."""
+    is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward``,
+    ``preprocess`` or ``terms_backward`` or a ``superblock`` that is not a positive integer. ``preprocess`` /
+    ``terms_backward`` None: ``default_terms_path(dtype)``."""
+    preprocess = default_terms_path(dtype) if preprocess is None else preprocess
+    terms_backward = default_terms_path(dtype) if terms_backward is None else terms_backward
     if backward not in BACKWARDS:
         raise ValueError(f"path pallas kernel: backward={backward!r} must be one of {BACKWARDS}")
     if preprocess not in PREPROCESSES:

@@ -12,6 +12,7 @@ from jax import enable_x64
 
 from jaxlm.ops.path import naive_path_attention
 from pallas_kernels.path import path_attention_pallas
+from pallas_kernels.path import blocks as path_block_sizes
 from pallas_kernels.path.kernel_bwd import default_superblock
 
 D = 16
@@ -109,3 +110,13 @@ def test_backward_switch_rejects_bad_values():
         path_attention_pallas(*args, block_size=16, superblock=0)
     with pytest.raises(ValueError, match="terms_backward='autodiff' must be one of"):
         path_attention_pallas(*args, block_size=16, terms_backward="autodiff")
+
+
+@pytest.mark.parametrize("platform, dtype, expected", [("gpu", jnp.float32, "xla"), ("gpu", jnp.bfloat16, "kernel"),
+                                                       ("cpu", jnp.float32, "kernel")])
+def test_block_terms_default_to_kernels_except_float32_on_gpu(monkeypatch, platform, dtype, expected):
+    monkeypatch.setattr(path_block_sizes, "backend", lambda: platform)
+    blocks = path_block_sizes.path_blocks(D, dtype)
+    assert (blocks.preprocess, blocks.terms_backward) == (expected, expected)
+    named = path_block_sizes.path_blocks(D, dtype, preprocess="kernel", terms_backward="xla")
+    assert (named.preprocess, named.terms_backward) == ("kernel", "xla")
