@@ -3,6 +3,7 @@ pyproject puts this folder on the import path)."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
@@ -17,6 +18,34 @@ def gated_draws(rng: np.random.Generator, batch: int, length: int, groups: int, 
     log_a = -rng.uniform(0.01, max_log_decay, size=(batch, length, heads))
     beta = rng.uniform(0.1, 0.95, size=(batch, length, heads))
     return q, k, v, log_a, beta
+
+
+def random_ssd_inputs(seed: int, batch: int, length: int, groups: int, heads: int, key_dim: int, value_dim: int,
+                      with_cotangents: bool = False) -> tuple:
+    """``(q, k, v, log_a, initial_state)`` float64 numpy for SSD (q and k scaled by ``1/√K``, ``−log_a`` in
+    (0.01, 0.6)); ``with_cotangents``: also ``(d_out, d_final)`` drawn next from the same generator, returned as
+    ``(inputs, cotangents)``."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
+    k = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
+    v = rng.normal(size=(batch, length, heads, value_dim))
+    log_a = -rng.uniform(0.01, 0.6, size=(batch, length, heads))
+    initial = rng.normal(size=(batch, heads, key_dim, value_dim))
+    if not with_cotangents:
+        return q, k, v, log_a, initial
+    return (q, k, v, log_a, initial), (rng.normal(size=v.shape), rng.normal(size=initial.shape))
+
+
+def jitted_outputs_and_vjp(op, arrays, cotangents):
+    """``(op(*arrays), vjp(cotangents))`` under one ``jax.jit``, with float32 products (no TF32 on GPU)."""
+
+    @jax.jit
+    def run(arrays, cotangents):
+        outputs, vjp = jax.vjp(op, *arrays)
+        return outputs, vjp(cotangents)
+
+    with jax.default_matmul_precision("float32"):
+        return run(arrays, cotangents)
 
 
 def random_gdn_inputs(seed: int, batch: int, length: int, groups: int, heads: int, key_dim: int = 16,

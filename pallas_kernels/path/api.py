@@ -21,7 +21,7 @@ from jaxlm.ops.path_blockwise_vjp import linear_memory_backward
 from pallas_kernels.path.blocks import PathBlocks, path_blocks
 from pallas_kernels.path.kernel_bwd import path_backward
 from pallas_kernels.path.kernel_fwd import path_forward
-from pallas_kernels.path.layout import cumulative_gate, kernel_layout
+from pallas_kernels.path.layout import cumulative_gate, kernel_layout, time_major
 
 
 def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, scale: float | None = None,
@@ -66,7 +66,7 @@ def _forward(scale, blocks: PathBlocks, group_size, interpret, q, k, v, w, beta,
     out, logsumexp = path_forward(*kernel_inputs, gate, segments, block=blocks.block, scale=scale,
                                   interpret=interpret, num_warps=blocks.num_warps,
                                   num_stages=blocks.num_stages)  # [B, H, T', D], [B, H, N, C]
-    sequence = out.transpose(0, 2, 1, 3)[:, :length].astype(q.dtype)  # [B, T, H, D]
+    sequence = time_major(out, length, q.dtype)  # [B, T, H, D]
     return sequence, (q, k, v, w, beta, log_f, segment_ids, out, logsumexp)
 
 

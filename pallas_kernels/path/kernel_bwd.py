@@ -29,7 +29,7 @@ from pallas_kernels.path.kernel_bwd_key import path_backward_keys
 from pallas_kernels.path.kernel_bwd_query import path_backward_queries
 from pallas_kernels.path.kernel_prep import path_query_terms
 from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
-from pallas_kernels.path.layout import cumulative_gate, head_major, kernel_layout
+from pallas_kernels.path.layout import cumulative_gate, head_major, head_major_tokens, kernel_layout, time_major
 
 
 def default_superblock(num_blocks: int) -> int:
@@ -144,16 +144,14 @@ def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals
     def group_sum(x):  # [B, H, T', D] -> [B, G, T', D]: the query heads of each KV head summed
         return x.reshape(batch, groups, heads // groups, *x.shape[2:]).sum(axis=2)
 
-    beta_heads = head_major(beta.astype(jnp.float32)[..., None], block)[..., 0]  # [B, G, T']
+    beta_heads = head_major_tokens(beta, block)  # [B, G, T']
     dq, dk, dw, d_beta = path_terms_backward(q_heads, k_heads, w_heads, beta_heads, transform, d_queries, d_intra,
                                              group_sum(d_keys), d_products, block=block,
                                              float32_dots=blocks.float32_dots, **launch)
 
-    def time_major(x, dtype):  # [B, X, T', ...] -> [B, T, X, ...], padding dropped
-        return jnp.swapaxes(x, 1, 2)[:, :length].astype(dtype)
-
     d_log_f = None
     if log_f is not None:
-        d_log_f = jax.lax.cumsum(time_major(d_gate, jnp.float32), axis=1, reverse=True).astype(log_f.dtype)
-    return (time_major(dq, q.dtype), time_major(dk, k.dtype), time_major(group_sum(d_values), v.dtype),
-            time_major(dw, w.dtype), time_major(d_beta, beta.dtype), d_log_f, None)
+        d_log_f = jax.lax.cumsum(time_major(d_gate, length, jnp.float32), axis=1, reverse=True).astype(log_f.dtype)
+    return (time_major(dq, length, q.dtype), time_major(dk, length, k.dtype),
+            time_major(group_sum(d_values), length, v.dtype), time_major(dw, length, w.dtype),
+            time_major(d_beta, length, beta.dtype), d_log_f, None)

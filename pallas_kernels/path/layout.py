@@ -17,11 +17,21 @@ def head_major(x: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(to_blocks(x, block), 3, 1).reshape(x.shape[0], x.shape[2], -1, x.shape[3])
 
 
+def head_major_tokens(x: jax.Array, block: int) -> jax.Array:
+    """``[B, T, X]`` -> ``[B, X, T']`` float32 (one value per token and head), zero-padded like ``head_major``."""
+    return head_major(x.astype(jnp.float32)[..., None], block)[..., 0]
+
+
+def time_major(x: jax.Array, length: int, dtype) -> jax.Array:
+    """``head_major``'s inverse: ``[B, X, T', ...]`` -> ``[B, T, X, ...]`` in ``dtype``, the padding dropped."""
+    return jnp.swapaxes(x, 1, 2)[:, :length].astype(dtype)
+
+
 def cumulative_gate(log_f: jax.Array | None, block: int) -> jax.Array | None:
     """``G_t = Σ_{t' ≤ t} log f_t'`` head-major ``[B, H, T']`` float32 from ``log_f [B, T, H]`` (None: no gate)."""
     if log_f is None:
         return None
-    return head_major(jnp.cumsum(log_f.astype(jnp.float32), axis=1)[..., None], block)[..., 0]
+    return head_major_tokens(jnp.cumsum(log_f.astype(jnp.float32), axis=1), block)
 
 
 def kernel_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:

@@ -15,7 +15,7 @@ from jaxlm.ops.delta_rule import gated_delta_rule
 from pallas_kernels.gdn import gated_delta_rule_pallas, gdn_blocks
 from pallas_kernels.gdn.api import _gdn_forward
 from pallas_kernels.ssd.api import segment_runs
-from kernel_inputs import packed_segment_ids, random_gdn_inputs
+from kernel_inputs import jitted_outputs_and_vjp, packed_segment_ids, random_gdn_inputs
 
 CHUNK = 16
 NAMES = ("dq", "dk", "dv", "d_log_a", "d_beta", "d_initial")
@@ -45,13 +45,7 @@ def outputs_and_grads(inputs, cotangents, dtype, segment_ids, backward=None, **b
                                      **block_changes)
         return gated_delta_rule_pallas(q, k, v, log_a, beta, initial, segment_ids=segments, blocks=blocks)
 
-    @jax.jit
-    def run(arrays, cotangents):
-        outputs, vjp = jax.vjp(op, *arrays)
-        return outputs, vjp(cotangents)
-
-    with jax.default_matmul_precision("float32"):
-        return run(arrays, cotangents)
+    return jitted_outputs_and_vjp(op, arrays, cotangents)
 
 
 def float64_recurrence(inputs, cotangents, segment_ids):

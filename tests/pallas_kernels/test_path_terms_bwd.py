@@ -8,7 +8,7 @@ from jax import enable_x64, vjp
 
 from jaxlm.ops.path_blockwise import BlockwiseTerms, blockwise_terms
 from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
-from pallas_kernels.path.layout import head_major, xla_block_terms
+from pallas_kernels.path.layout import head_major, head_major_tokens, xla_block_terms
 
 
 def random_inputs(seed, batch, length, heads, groups, dim):
@@ -79,7 +79,7 @@ def kernel_pullback(q, k, w, beta, cotangents, block, dtype=jnp.float32):
     q, k, w = (jnp.asarray(x, dtype) for x in (q, k, w))
     beta = jnp.asarray(beta, jnp.float32)
     transform = xla_block_terms(k, w, beta, block, jnp.float32)[0]  # [B, G, N·C, C]
-    operands = [head_major(x, block) for x in (q, k, w)] + [head_major(beta[..., None], block)[..., 0], transform]
+    operands = [head_major(x, block) for x in (q, k, w)] + [head_major_tokens(beta, block), transform]
     results = path_terms_backward(*operands, *(jnp.asarray(x, jnp.float32) for x in cotangents), block=block)
     return tuple(np.asarray(x, np.float64) for x in results)
 

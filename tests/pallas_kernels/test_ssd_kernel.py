@@ -11,16 +11,11 @@ from jaxlm.ops.ssd import ssd
 from pallas_kernels.registry import UnsupportedShapeError
 from pallas_kernels.ssd import ssd_blocks, ssd_pallas
 from pallas_kernels.ssd.blocks import SSDBlocks
+from kernel_inputs import random_ssd_inputs
 
 
 def random_inputs(seed, batch=2, length=45, groups=1, heads=2, key_dim=16, value_dim=32):
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.6, size=(batch, length, heads))
-    initial = rng.normal(size=(batch, heads, key_dim, value_dim))
-    return q, k, v, log_a, initial
+    return random_ssd_inputs(seed, batch, length, groups, heads, key_dim, value_dim)
 
 
 def random_cotangents(seed, inputs):

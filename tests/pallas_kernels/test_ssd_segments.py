@@ -14,21 +14,13 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxlm.ops.ssd import ssd
 from pallas_kernels.ssd import ssd_blocks, ssd_pallas
 from pallas_kernels.ssd.api import segment_runs
-from kernel_inputs import packed_segment_ids
+from kernel_inputs import jitted_outputs_and_vjp, packed_segment_ids, random_ssd_inputs
 
 CHUNK = 16
 
 
 def random_inputs(seed, batch=2, length=45, groups=2, heads=4, key_dim=16, value_dim=32):
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    k = rng.normal(size=(batch, length, groups, key_dim)) / np.sqrt(key_dim)
-    v = rng.normal(size=(batch, length, heads, value_dim))
-    log_a = -rng.uniform(0.01, 0.6, size=(batch, length, heads))
-    initial = rng.normal(size=(batch, heads, key_dim, value_dim))
-    dout = rng.normal(size=v.shape)
-    dfinal = rng.normal(size=initial.shape)
-    return (q, k, v, log_a, initial), (dout, dfinal)
+    return random_ssd_inputs(seed, batch, length, groups, heads, key_dim, value_dim, with_cotangents=True)
 
 
 def float64_reset_recurrence(q, k, v, log_a, initial, segment_ids):
@@ -58,13 +50,7 @@ def outputs_and_grads(inputs, cotangents, dtype, segment_ids, impl="kernel", **k
         return ssd(q, k, v, log_a, initial_state=initial, return_final_state=True, impl=impl,
                    segment_ids=segments)
 
-    @jax.jit
-    def run(arrays, cotangents):
-        outputs, vjp = jax.vjp(op, *arrays)
-        return outputs, vjp(cotangents)
-
-    with jax.default_matmul_precision("float32"):
-        return run(arrays, cotangents)
+    return jitted_outputs_and_vjp(op, arrays, cotangents)
 
 
 def assert_close(actual, expected, tol, name=""):
@@ -74,6 +60,18 @@ def assert_close(actual, expected, tol, name=""):
 
 
 GRAD_NAMES = ("dq", "dk", "dv", "dlog_a", "dinitial")
+
+
+def assert_kernels_match_references(inputs, cotangents, segment_ids, **kwargs):
+    """Kernel outputs (``outputs_and_grads`` with ``kwargs``) against the float64 reset recurrence, gradients
+    against the recurrent op's."""
+    (out, final), grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, **kwargs)
+    expected_out, expected_final = float64_reset_recurrence(*inputs, segment_ids)
+    assert_close(out, expected_out, 1e-5, "out")
+    assert_close(final, expected_final, 1e-5, "final")
+    _, ref_grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, "recurrent")
+    for name, grad, reference in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(grad, reference, 1e-4, name)
 
 
 def test_segment_runs_count_starts_inside_each_chunk():
@@ -115,13 +113,7 @@ def test_head_major_layout_and_split_state_tiles():
     inputs, cotangents = random_inputs(3, batch=2, length=45, groups=1, heads=2, key_dim=32, value_dim=32)
     segment_ids = packed_segment_ids()
     blocks = dataclasses.replace(ssd_blocks(32, 32, CHUNK), key_block=16, value_block=16, time_major=False)
-    (out, final), grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, blocks=blocks)
-    expected_out, expected_final = float64_reset_recurrence(*inputs, segment_ids)
-    assert_close(out, expected_out, 1e-5, "out")
-    assert_close(final, expected_final, 1e-5, "final")
-    _, ref_grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, "recurrent")
-    for name, grad, reference in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close(grad, reference, 1e-4, name)
+    assert_kernels_match_references(inputs, cotangents, segment_ids, blocks=blocks)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the TPU interpreter runs on the CPU backend")
@@ -130,14 +122,8 @@ def test_tpu_interpret_mode_with_tpu_blocks():
     inputs, cotangents = random_inputs(7, batch=2, length=37, groups=1, heads=2, key_dim=128, value_dim=128)
     segment_ids = packed_segment_ids(37)
     blocks = ssd_blocks(128, 128, CHUNK, platform="tpu")
-    (out, final), grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, blocks=blocks,
-                                            interpret=pltpu.InterpretParams())
-    expected_out, expected_final = float64_reset_recurrence(*inputs, segment_ids)
-    assert_close(out, expected_out, 1e-5, "out")
-    assert_close(final, expected_final, 1e-5, "final")
-    _, ref_grads = outputs_and_grads(inputs, cotangents, jnp.float32, segment_ids, "recurrent")
-    for name, grad, reference in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close(grad, reference, 1e-4, name)
+    assert_kernels_match_references(inputs, cotangents, segment_ids, blocks=blocks,
+                                    interpret=pltpu.InterpretParams())
 
 
 def test_equal_segment_ids_give_the_single_sequence_result():
