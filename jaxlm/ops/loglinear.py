@@ -29,7 +29,7 @@ from jaxlm.ops.fenwick import fenwick_level, merge_levels, num_levels, segment_p
 from jaxlm.ops.delta_rule import gated_delta_rule
 from jaxlm.ops.loglinear_chunks import chunked_loglinear
 from jaxlm.ops.ssd import ssd
-from pallas_kernels.registry import UnsupportedShapeError, kernels_unless_unsupported
+from pallas_kernels.registry import kernels_unless_unsupported
 
 LOGLINEAR_IMPLS = ("recurrent", "chunked", "auto", "pallas")
 
@@ -252,18 +252,15 @@ def _loglinear(name, q, k, v, log_a, beta, lam, impl, chunk_size, segment_ids):
 
 def _pallas_loglinear(name, q, k, v, log_a, beta, lam, segment_ids):
     """``impl="pallas"``: ``pallas_kernels.loglinear`` (SSD) or ``pallas_kernels.loglinear_gdn`` (Gated DeltaNet),
-    grouped heads passed as they are."""
-    if segment_ids is not None:
-        raise UnsupportedShapeError(f"{name}(impl='pallas'): segment_ids are not supported by the Pallas kernels; "
-                                    "use impl='chunked' (or 'auto') for packed sequences")
+    grouped heads passed as they are; packed sequences on the kernels' segment row layout."""
+    lam = lam[..., :num_levels(q.shape[1])]
     if beta is not None:
         from pallas_kernels.loglinear_gdn import loglinear_gated_delta_rule_pallas  # XLA impls do not need it
 
-        lam = lam[..., :num_levels(q.shape[1])]
-        return loglinear_gated_delta_rule_pallas(q, k, v, log_a, beta, lam).astype(v.dtype)
+        return loglinear_gated_delta_rule_pallas(q, k, v, log_a, beta, lam, segment_ids=segment_ids).astype(v.dtype)
     from pallas_kernels.loglinear import loglinear_ssd_pallas  # imported here: the XLA impls do not need it
 
-    return loglinear_ssd_pallas(q, k, v, log_a, lam[..., :num_levels(q.shape[1])]).astype(v.dtype)
+    return loglinear_ssd_pallas(q, k, v, log_a, lam, segment_ids=segment_ids).astype(v.dtype)
 
 
 def _check_inputs(name, q, k, v, log_a, beta, lam, segment_ids) -> None:

@@ -38,20 +38,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.loglinear.kernel_fwd import (in_chunk_level_masks, in_chunk_level_weights, merge_masks,
-                                                 read_slot, reads_level)
+from pallas_kernels.loglinear.kernel_fwd import (chunk_rank, in_chunk_level_masks, in_chunk_level_weights,
+                                                 merge_masks, optional_ref, read_slot, reads_level)
 from pallas_kernels.ssd.common import (causal_decay, dot, dot_transposed_lhs, dot_transposed_rhs, head_index,
-                                       last_row, launch_options, token_dims, token_spec)
+                                       last_row, launch_options, runs_operand, token_dims, token_spec)
 
 
-def _level_cotangents_kernel(q_ref, dout_ref, cum_ref, bucket_ref, dstates_ref, *, chunk: int, num_chunks: int,
+def _level_cotangents_kernel(q_ref, dout_ref, cum_ref, bucket_ref, *refs, chunk: int, num_chunks: int,
                              cross_levels: int):
-    """Reverse over chunks with the level cotangents ``W`` on chip (module docstring, part 1)."""
+    """Reverse over chunks with the level cotangents ``W`` on chip (module docstring, part 1). With ranks the
+    counter is the rank; at a rank-0 chunk every level is below ``lssb(0)``, so ``dX_{n−1} = 0`` and the stack
+    restarts from zeros for the previous segment."""
+    ranks_ref, (dstates_ref,) = optional_ref(refs, 1)
     zeros = jnp.zeros(dstates_ref.shape[1:], jnp.float32)  # [BK, BV]
     dstates_ref[num_chunks - 1] = zeros.astype(dstates_ref.dtype)
 
     def step(i, levels):  # levels: tuple of [BK, BV] float32 W_j, at the start of chunk n
         n = num_chunks - 1 - i
+        rank = chunk_rank(ranks_ref, n, n * chunk)
         rows = pl.ds(n * chunk, chunk)
         q = q_ref[rows, :].astype(jnp.float32)  # [C, BK]
         dout = dout_ref[rows, :]  # [C, BV]
@@ -60,9 +64,9 @@ def _level_cotangents_kernel(q_ref, dout_ref, cum_ref, bucket_ref, dstates_ref, 
             weighted_q = (q * bucket_ref[level, rows][:, None]).astype(dout.dtype)  # [C, BK]
             return total + dot_transposed_lhs(weighted_q, dout)
 
-        levels = [jax.lax.cond(reads_level(n, level), functools.partial(add_bucket_term, level=level),
+        levels = [jax.lax.cond(reads_level(rank, level), functools.partial(add_bucket_term, level=level),
                                lambda total: total, total) for level, total in enumerate(levels)]
-        masks = [merge_masks(n, level) for level in range(cross_levels)]
+        masks = [merge_masks(rank, level) for level in range(cross_levels)]
         entering = zeros
         for (_, at), total in zip(masks, levels):
             entering = entering + jnp.where(at, total, 0.0)
@@ -75,14 +79,16 @@ def _level_cotangents_kernel(q_ref, dout_ref, cum_ref, bucket_ref, dstates_ref, 
 
 def level_cotangents(q: jax.Array, dout: jax.Array, cum: jax.Array, bucket_rows: jax.Array, *, chunk: int,
                      cross_levels: int, key_block: int, value_block: int, num_warps: int | None = None,
-                     interpret=None) -> jax.Array:
+                     ranks: jax.Array | None = None, interpret=None) -> jax.Array:
     """``dX_n`` of every chunk ``[B, H, N, K, V]`` in ``q``'s dtype. ``q [B, T', G, K]``, ``dout [B, T', H, V]``
-    time-major, ``cum [B, H, T']``, ``bucket_rows [B, H, R_x, T']`` (the weights ``u^{(j)}``)."""
+    time-major, ``cum [B, H, T']``, ``bucket_rows [B, H, R_x, T']`` (the weights ``u^{(j)}``), ``ranks [B, T']``
+    as in ``kernel_fwd.level_states``."""
     batch, length, groups, key_dim = token_dims(q, True)
     heads, value_dim = token_dims(dout, True)[2:]
     group_of, num_chunks = heads // groups, length // chunk
     kernel = functools.partial(_level_cotangents_kernel, chunk=chunk, num_chunks=num_chunks,
                                cross_levels=cross_levels)
+    ranks_specs, ranks_operands = runs_operand(ranks, length, lambda b, h, i, j: (b, 0))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, key_dim // key_block, value_dim // value_block),
@@ -91,23 +97,25 @@ def level_cotangents(q: jax.Array, dout: jax.Array, cum: jax.Array, bucket_rows:
             token_spec(True, None, length, value_block, lambda b, h, i, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, length), lambda b, h, i, j: (b, h, 0)),
             pl.BlockSpec((None, None, bucket_rows.shape[2], length), lambda b, h, i, j: (b, h, 0, 0)),
+            *ranks_specs,
         ],
         out_specs=pl.BlockSpec((None, None, num_chunks, key_block, value_block), lambda b, h, i, j: (b, h, 0, i, j)),
         out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), q.dtype),
         name="loglinear_level_cotangents",
         **launch_options(interpret, num_warps),
-    )(q, dout, cum, bucket_rows)
+    )(q, dout, cum, bucket_rows, *ranks_operands)
 
 
-def _chunk_grads_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, lam_ref, read_ref, states_ref, dstates_ref,
-                        dq_ref, dk_ref, dv_ref, gate_ref, dlam_ref, dread_ref, *, chunk: int, heads_per_group: int,
-                        in_chunk_levels: int, cross_levels: int):
-    """One chunk of one head group (module docstring, part 2)."""
+def _chunk_grads_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, lam_ref, read_ref, states_ref, dstates_ref, *refs,
+                        chunk: int, heads_per_group: int, in_chunk_levels: int, cross_levels: int):
+    """One chunk of one head group (module docstring, part 2; with ranks the reads of ``kernel_fwd``)."""
+    ranks_ref, (dq_ref, dk_ref, dv_ref, gate_ref, dlam_ref, dread_ref) = optional_ref(refs, 6)
     q, k = q_ref[...], k_ref[...]  # [C, K] each
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = dot_transposed_rhs(q, k)  # [C, C] Q Kᵀ, shared by the group's heads
     masks = in_chunk_level_masks(chunk, in_chunk_levels)
     chunk_index = pl.program_id(2)
+    rank = chunk_rank(ranks_ref, chunk_index)
     dq = jnp.zeros(q.shape, jnp.float32)  # [C, K]
     dk = jnp.zeros(k.shape, jnp.float32)  # [C, K]
     for head in range(heads_per_group):
@@ -135,11 +143,11 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, lam_ref, read_re
                 continue
 
             def read_level(dq_head, level=level, head=head, dout=dout):
-                state = states_ref[head, read_slot(chunk_index, level)].astype(q.dtype)  # [K, V] H_{n_j}
+                state = states_ref[head, chunk_index - rank + read_slot(rank, level)].astype(q.dtype)  # H_{n_j}
                 dq_head = dq_head + read_ref[head, level][:, None] * dot_transposed_rhs(dout, state)
                 return dq_head, jnp.sum(dout.astype(jnp.float32) * dot(q, state), axis=1)
 
-            dq_head, dread = jax.lax.cond(reads_level(chunk_index, level), read_level,
+            dq_head, dread = jax.lax.cond(reads_level(rank, level), read_level,
                                           lambda dq_head: (dq_head, jnp.zeros((chunk,), jnp.float32)), dq_head)
             dread_ref[head, level] = dread
         dv_ref[this_head] = dv.astype(dv_ref.dtype)
@@ -151,9 +159,11 @@ def _chunk_grads_kernel(q_ref, k_ref, v_ref, dout_ref, cum_ref, lam_ref, read_re
 
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, cum: jax.Array, lam_rows: jax.Array,
                 read_rows: jax.Array, states: jax.Array, dstates: jax.Array, *, chunk: int, in_chunk_levels: int,
-                cross_levels: int, num_warps: int | None = None, interpret=None) -> tuple[jax.Array, ...]:
+                cross_levels: int, num_warps: int | None = None, ranks: jax.Array | None = None,
+                interpret=None) -> tuple[jax.Array, ...]:
     """``dq, dk`` (layout and dtype of q, k), ``dv`` (of v), the per-token gate cotangents ``q·dq − k·dk``
-    ``[B, H, T']`` and the cotangents of ``lam_rows`` and ``read_rows`` (float32, their shapes)."""
+    ``[B, H, T']`` and the cotangents of ``lam_rows`` and ``read_rows`` (float32, their shapes). ``ranks`` as in
+    ``kernel_fwd.level_states``."""
     batch, length, groups, key_dim = token_dims(q, True)
     heads, value_dim = token_dims(v, True)[2:]
     group_of, num_chunks = heads // groups, length // chunk
@@ -166,11 +176,12 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, cum: 
     read_block = pl.BlockSpec((None, group_of, read_rows.shape[2], chunk), lambda b, g, n: (b, g, 0, n))
     all_states = pl.BlockSpec((None, group_of, num_chunks, key_dim, value_dim), lambda b, g, n: (b, g, 0, 0, 0))
     chunk_state = pl.BlockSpec((None, group_of, None, key_dim, value_dim), lambda b, g, n: (b, g, n, 0, 0))
+    ranks_specs, ranks_operands = runs_operand(ranks, chunk, lambda b, g, n: (b, n))
     return pl.pallas_call(
         kernel,
         grid=(batch, groups, num_chunks),
         in_specs=[group_rows, group_rows, head_rows, head_rows, head_gates, lam_block, read_block, all_states,
-                  chunk_state],
+                  chunk_state, *ranks_specs],
         out_specs=[group_rows, group_rows, head_rows, head_gates, lam_block, read_block],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(cum.shape, jnp.float32),
@@ -178,4 +189,4 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, cum: 
                    jax.ShapeDtypeStruct(read_rows.shape, jnp.float32)],
         name="loglinear_chunk_grads",
         **launch_options(interpret, num_warps),
-    )(q, k, v, dout, cum, lam_rows, read_rows, states, dstates)
+    )(q, k, v, dout, cum, lam_rows, read_rows, states, dstates, *ranks_operands)

@@ -139,8 +139,5 @@ def test_unsupported_inputs_raise_clear_errors():
     with pytest.raises(UnsupportedShapeError, match="state_value_block=48 must be a power of two >= 16 dividing"):
         loglinear_gated_delta_rule_pallas(*arrays, blocks=LogLinearGDNBlocks(chunk=16, state_value_block=48,
                                                                              output_value_block=16))
-    segment_ids = jnp.zeros((1, 20), jnp.int32)
-    with pytest.raises(ValueError, match="segment_ids are not supported by the Pallas kernels"):
-        loglinear_gated_delta_rule(*arrays, impl="pallas", segment_ids=segment_ids)
-    with pytest.raises(ValueError, match="segment_ids are not supported"):
-        loglinear_gated_delta_rule_pallas(*arrays, segment_ids=segment_ids)
+    with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\]=\(1, 20\), got \(1, 19\)"):
+        loglinear_gated_delta_rule_pallas(*arrays, segment_ids=jnp.zeros((1, 19), jnp.int32))

@@ -141,5 +141,5 @@ def test_unsupported_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="backward='xla' must be one of"):
         loglinear_ssd_pallas(q, k, v, log_a, lam, blocks=LogLinearBlocks(chunk=16, key_block=16, value_block=16,
                                                                           output_value_block=16, backward="xla"))
-    with pytest.raises(ValueError, match="segment_ids are not supported by the Pallas kernels"):
-        loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=jnp.zeros((1, 20), jnp.int32))
+    with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\]=\(1, 20\), got \(1, 19\)"):
+        loglinear_ssd_pallas(q, k, v, log_a, lam, segment_ids=jnp.zeros((1, 19), jnp.int32))

@@ -1,0 +1,98 @@
+"""Packed sequences for the log-linear kernels: the segment row layout.
+
+The Fenwick levels of log-linear attention are measured from each segment's start (``fenwick.segment_positions``:
+``p_t = t − start``), so a segment that starts mid-chunk has its level buckets off the chunk grid. The kernels
+instead see every segment cut into its own chunks of C positions, ``[start + jC, start + (j+1)C)`` (the
+segment's *row* ``j``; its last row is padded with neutral tokens: ``k = v = q = 0``, ``log_a = 0``, ``β = 0``,
+``λ = 0``), laid out one after another:
+
+    slot of token t = C · row(t) + (p_t mod C),   row(t) = #{s ≤ t : p_s mod C = 0} − 1,
+
+and each row carries its *rank* ``j = p_t >> log2 C`` (0: the segment's first row). On this layout the in-chunk
+levels ``0 … log2 C`` are exactly those of one sequence, and the chunk levels are those of one sequence with the
+chunk index replaced by the rank: row n reads chunk level ``i`` iff bit ``i`` of its rank is 1, from the state
+built at row ``n − rank + ((rank >> i) << i)``, and the level stack restarts at every rank-0 row.
+
+A batch row of T tokens in ``S`` segments needs ``Σ ceil(T_s / C) ≤ ceil(T / C) + S − 1`` rows. The layout has
+``row_capacity(T, C) = 2 ceil(T / C)`` rows, enough when segments average at least C tokens; empty rows at the
+end are rank-0 rows of neutral tokens. ``on_segment_rows`` runs the kernels on the layout when every batch row
+fits and the given fallback (the chunked XLA path) otherwise, chosen on the device by ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxlm.ops.fenwick import num_levels, segment_positions
+
+
+class SegmentRows(NamedTuple):
+    """Where every token goes in the row layout of ``R`` rows of C slots (module docstring)."""
+
+    slots: jax.Array  # [B, T] int32: C · row + (p mod C) of each token
+    sources: jax.Array  # [B, R·C] int32: the token in each slot (T: a padding slot)
+    ranks: jax.Array  # [B, R·C] int32: the rank of each slot's row in its segment
+    fits: jax.Array  # [] bool: every batch row fits in R rows
+
+
+def row_capacity(length: int, chunk: int) -> int:
+    """Rows of the layout for ``length`` tokens: ``2 · ceil(length / chunk)`` (module docstring)."""
+    return 2 * -(-length // chunk)
+
+
+def segment_rows(segment_ids: jax.Array, chunk: int, num_rows: int) -> SegmentRows:
+    """The row layout of packed rows ``segment_ids [B, T]`` (a new segment wherever the id changes) with
+    ``num_rows`` rows of ``chunk`` slots."""
+    batch, length = segment_ids.shape
+    positions = segment_positions(segment_ids)  # [B, T]
+    row = jnp.cumsum(positions % chunk == 0, axis=1, dtype=jnp.int32) - 1  # [B, T]
+    slots = row * chunk + positions % chunk  # [B, T]
+    batch_index = jnp.arange(batch)[:, None]
+    tokens = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    sources = jnp.full((batch, num_rows * chunk), length, jnp.int32).at[batch_index, slots].set(tokens, mode="drop")
+    row_ranks = jnp.zeros((batch, num_rows), jnp.int32).at[batch_index, row].max(positions // chunk, mode="drop")
+    ranks = jnp.repeat(row_ranks, chunk, axis=1)  # [B, R·C]
+    return SegmentRows(slots, sources, ranks, jnp.all(row[:, -1] < num_rows))
+
+
+def to_rows(x: jax.Array, rows: SegmentRows) -> jax.Array:
+    """``[B, T, ...] -> [B, R·C, ...]``: every token into its slot, zeros in the padding slots."""
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [B, T + 1, ...]: index T reads zeros
+    return jax.vmap(lambda row, sources: row[sources])(padded, rows.sources)
+
+
+def from_rows(y: jax.Array, rows: SegmentRows) -> jax.Array:
+    """``[B, R·C, ...] -> [B, T, ...]``: every token back from its slot."""
+    return jax.vmap(lambda row, slots: row[slots])(y, rows.slots)
+
+
+def row_segment_ids(ranks: jax.Array, chunk: int) -> jax.Array:
+    """Segment ids of the layout ``[B, R·C]`` from its per-slot ranks: a new id at every rank-0 row (so the
+    padding slots ending a segment's last row belong to that segment)."""
+    row_starts = jnp.zeros_like(ranks).at[:, ::chunk].set(1)  # [B, R·C]
+    return jnp.cumsum(row_starts * (ranks == 0), axis=1, dtype=jnp.int32)
+
+
+def all_level_columns(lam: jax.Array, length: int) -> jax.Array:
+    """``lam [B, T, H, L]`` with at least ``num_levels(length)`` columns, the missing ones zero (the kernels count
+    missing columns as 0; the XLA path wants them all)."""
+    missing = max(num_levels(length) - lam.shape[-1], 0)
+    return jnp.pad(lam, ((0, 0), (0, 0), (0, 0), (0, missing)))
+
+
+def on_segment_rows(kernels: Callable[..., jax.Array], fallback: Callable[..., jax.Array],
+                    token_arrays: tuple, segment_ids: jax.Array, chunk: int) -> jax.Array:
+    """``kernels(*arrays_on_rows, ranks)`` mapped back to the tokens when every batch row fits the layout, else
+    ``fallback(*token_arrays)``; both return ``[B, T, ...]`` of one shape and dtype. ``token_arrays``: the
+    ``[B, T, ...]`` operands, zero in the padding slots."""
+    length = segment_ids.shape[1]
+    rows = segment_rows(segment_ids, chunk, row_capacity(length, chunk))
+
+    def on_rows(arrays):
+        return from_rows(kernels(*(to_rows(x, rows) for x in arrays), rows.ranks), rows)
+
+    return lax.cond(rows.fits, on_rows, lambda arrays: fallback(*arrays), token_arrays)
