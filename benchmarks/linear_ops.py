@@ -16,6 +16,11 @@ cuDNN on CPU) prints ``-`` with its reason in the log.
 output_value_block:num_warps[:state_num_warps[:state_num_stages]]`` (0: the Pallas default): the op's forward
 and forward+backward, and each kernel alone (chunk states, chunk outputs, state cotangents, chunk gradients),
 to see where the time goes. T must be a multiple of the chunk there.
+
+    python benchmarks/linear_ops.py --ops loglinear_ssd,loglinear_gdn --shapes 1x16384 --segments 8
+
+``--segments S`` packs every row with S segments cut at random points (seeded) and passes them as
+``segment_ids`` to the ops (cuDNN attention stays unmasked, as the reference point).
 """
 
 from __future__ import annotations
@@ -54,11 +59,25 @@ def make_inputs(op: str, batch: int, length: int, heads: int, dim: int, dtype) -
     return inputs[op]
 
 
-def op_function(op: str, impl: str):
-    """``inputs -> outputs`` of ``op`` with ``impl``."""
+def random_segment_ids(batch: int, length: int, segments: int, seed: int = 0) -> jax.Array:
+    """``[B, T]`` int32 ids of ``segments`` segments per row, cut at distinct uniformly random points."""
+    if not 1 <= segments <= length:
+        raise ValueError(f"--segments must be in [1, T={length}], got {segments}")
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((batch, length), np.int32)
+    for row in ids:
+        for cut in rng.choice(np.arange(1, length), segments - 1, replace=False):
+            row[cut:] += 1
+    return jnp.asarray(ids)
+
+
+def op_function(op: str, impl: str, segment_ids: jax.Array | None = None):
+    """``inputs -> outputs`` of ``op`` with ``impl`` (on packed rows given ``segment_ids``)."""
     function = {"ssd": ops.ssd, "gdn": ops.gated_delta_rule, "loglinear_ssd": ops.loglinear_ssd,
                 "loglinear_gdn": ops.loglinear_gated_delta_rule}[op]
-    return lambda *inputs: function(*inputs, impl=impl)
+    if segment_ids is None:
+        return lambda *inputs: function(*inputs, impl=impl)
+    return lambda *inputs: function(*inputs, impl=impl, segment_ids=segment_ids)
 
 
 def attention_function():
@@ -160,13 +179,15 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default="", help="write all rows here too")
     parser.add_argument("--peak-size", type=int, default=8192, help="n of the n×n×n bf16 peak product")
     parser.add_argument("--ssd-blocks", default="", help="chunk:kb:vb:ovb:warps,... (SSD kernel block table)")
+    parser.add_argument("--segments", type=int, default=0, help="pack every row with this many segments")
     args = parser.parse_args(argv)
     dtype = jnp.bfloat16
     if args.ssd_blocks:
         print_ssd_block_table(args, dtype)
         return
     peak = matmul_peak_tflops(args.peak_size)
-    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s"
+          + (f"  packed rows: {args.segments} segments" if args.segments else ""))
     rows = []
     for shape in args.shapes.split(","):
         batch, length = (int(x) for x in shape.split("x"))
@@ -179,11 +200,12 @@ def main(argv=None) -> None:
         attention_flops = 2.0 * length * length * args.dim * args.heads * batch
         rows.append(dict(op="cudnn_attention", impl="cudnn", batch=batch, length=length, fwd_ms=attention_ms[0],
                          fwd_bwd_ms=attention_ms[1], tflops=attention_flops / attention_ms[0] / 1e9))
+        segment_ids = random_segment_ids(batch, length, args.segments) if args.segments else None
         for op in args.ops.split(","):
             inputs = make_inputs(op, batch, length, args.heads, args.dim, dtype)
             for impl in args.impls.split(","):
                 try:
-                    fwd_ms, fwd_bwd_ms = forward_and_train_ms(op_function(op, impl), inputs)
+                    fwd_ms, fwd_bwd_ms = forward_and_train_ms(op_function(op, impl, segment_ids), inputs)
                 except Exception as error:  # noqa: BLE001 - e.g. no kernel for this op yet
                     print(f"  {op}/{impl} {shape}: {type(error).__name__}: {str(error)[:200]}")
                     continue
@@ -198,7 +220,7 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "peak_tflops": peak,
-                       "rows": rows}, file, indent=1)
+                       "segments": args.segments, "rows": rows}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ from pallas_kernels.loglinear_gdn.kernel_chunk_bwd import chunk_grads
 from pallas_kernels.loglinear_gdn.level_inputs import level_columns, level_rows
 
 
-def chunk_levels(length: int, chunk: int) -> tuple[int, int]:
-    """(in-chunk levels ``log2 C + 1``, chunk levels ``bit_length(N − 1)``) of ``length`` tokens in chunks."""
-    num_chunks = -(-length // chunk)
+def chunk_levels(length: int, chunk: int, rank_chunks: int | None = None) -> tuple[int, int]:
+    """(in-chunk levels ``log2 C + 1``, chunk levels ``bit_length(N − 1)``) of ``length`` tokens in chunks, or of
+    segments spanning at most ``rank_chunks`` chunks (the segment row layout)."""
+    num_chunks = rank_chunks or -(-length // chunk)
     return chunk.bit_length(), (num_chunks - 1).bit_length()
 
 
@@ -67,14 +68,14 @@ def chunk_map(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array, beta: 
     """
     length, heads = v.shape[1:3]
     padding = -length % chunk
-    in_chunk, cross = chunk_levels(length, chunk)
+    in_chunk = chunk.bit_length()
 
     def to_chunks(x: jax.Array) -> jax.Array:  # [B, T, H, ...] -> [B, H, N, C, ...] float32
         return head_chunks(pad_time(x.astype(jnp.float32), padding), chunk)
 
     q_c, k_c = (to_chunks(expand_head_groups(x, heads)) for x in (q, k))  # [B, H, N, C, K]
     v_c, log_a_c, beta_c = to_chunks(v), to_chunks(log_a), to_chunks(beta)  # [B, H, N, C(, V)]
-    lam_c = to_chunks(level_columns(lam, in_chunk + cross))  # [B, H, N, C, L0 + cross]
+    lam_c = to_chunks(level_columns(lam, in_chunk))  # [B, H, N, C, L0]: the in-chunk levels
     terms = delta_chunk_terms(q_c, k_c, log_a_c, beta_c)
     num_chunks = q_c.shape[2]
     positions = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(1, num_chunks, chunk)  # [1, N, C]
@@ -94,6 +95,7 @@ class Saved(NamedTuple):
     inverse: jax.Array  # 𝒯  [B, T', H, C] float32
     read_queries: jax.Array  # Q̂  [B, T', H, K] in q's dtype
     states: jax.Array  # level states  [B, H, N, Lc, K, V] in q's dtype
+    ranks: jax.Array | None  # the segment row layout's per-token ranks [B, T'] int32, or None
 
 
 class LevelCotangents(NamedTuple):
@@ -105,41 +107,44 @@ class LevelCotangents(NamedTuple):
     d_writes: jax.Array  # dX_n  [B, H, N, K, V] (q's dtype)
 
 
-def kernel_backward(blocks, interpret, inputs: tuple, saved: Saved, d_out: jax.Array) -> tuple:
+def kernel_backward(blocks, interpret, inputs: tuple, saved: Saved, d_out: jax.Array,
+                    rank_chunks: int | None = None) -> tuple:
     """Gradients of ``(q, k, v, log_a, β, λ)`` (module docstring); the per-chunk step is the kernel of
-    ``kernel_chunk_bwd`` (``blocks.backward == "kernels"``) or the XLA VJP of ``chunk_map`` (``"chunk_vjp"``)."""
+    ``kernel_chunk_bwd`` (``blocks.backward == "kernels"``) or the XLA VJP of ``chunk_map`` (``"chunk_vjp"``).
+    ``rank_chunks``: as in ``chunk_levels`` (with ``saved.ranks``)."""
     q, lam = inputs[0], inputs[5]
     length, chunk = q.shape[1], blocks.chunk
     padding = -length % chunk
-    in_chunk, cross = chunk_levels(length, chunk)
+    in_chunk, cross = chunk_levels(length, chunk, rank_chunks)
     precision = "float32" if inputs[2].dtype == jnp.float32 else None
     with jax.default_matmul_precision(precision):
         d_out_p = pad_time(d_out.astype(q.dtype), padding)  # [B, T', H, V]
         lam_rows, rows_vjp = jax.vjp(lambda lam: level_rows(lam, padding, in_chunk + cross), lam)  # [B, H, R, T']
-        levels = _level_cotangents(blocks, interpret, saved, d_out_p, lam_rows, in_chunk, cross)
+        levels = _level_cotangents(blocks, interpret, saved, d_out_p, lam_rows, in_chunk, cross, rank_chunks)
         if blocks.backward == "chunk_vjp":
-            *grads, d_lam = _chunk_vjp_grads(blocks, inputs, d_out, levels)
+            *grads, d_lam = _chunk_vjp_grads(blocks, inputs, d_out, levels, in_chunk + cross)
         else:
             *grads, d_lam = _chunk_kernel_grads(blocks, interpret, inputs, saved, d_out_p, lam_rows, levels)
         (d_lam_total,) = rows_vjp(d_lam + levels.d_lam_rows)
     return (*grads, d_lam_total)
 
 
-def _level_cotangents(blocks, interpret, saved: Saved, d_out_p, lam_rows, in_chunk: int,
-                      cross: int) -> LevelCotangents:
+def _level_cotangents(blocks, interpret, saved: Saved, d_out_p, lam_rows, in_chunk: int, cross: int,
+                      rank_chunks: int | None) -> LevelCotangents:
     """The reverse level-cotangent, transition-cotangent (``P_n``) and level-read gradient kernels."""
     carried, writes = level_cotangents(
         saved.read_queries, d_out_p, saved.w, saved.decayed_keys, saved.cum, lam_rows, chunk=blocks.chunk,
         in_chunk_levels=in_chunk, value_block=blocks.cotangent_value_block or blocks.state_value_block,
-        cotangent_dtype=d_out_p.dtype, num_warps=blocks.state_warps,
+        cotangent_dtype=d_out_p.dtype, num_warps=blocks.state_warps, ranks=saved.ranks, rank_chunks=rank_chunks,
         interpret=interpret)  # E [B, H, N, Lc, K, V], dX [B, H, N, K, V]
     transitions = transition_cotangents(carried, saved.states, cross_levels=cross,
                                         key_block=blocks.transition_key_block or carried.shape[4],
-                                        num_warps=blocks.output_warps, interpret=interpret)  # P_n  [B, H, N, K, K]
+                                        num_warps=blocks.output_warps, ranks=saved.ranks,
+                                        interpret=interpret)  # P_n  [B, H, N, K, K]
     d_queries, d_lam_rows = level_read_grads(
         saved.read_queries, d_out_p, lam_rows, saved.states, chunk=blocks.chunk, in_chunk_levels=in_chunk,
         cross_levels=cross, value_block=blocks.output_value_block, num_warps=blocks.output_warps,
-        interpret=interpret)  # dQ̂ [B, T', H, K], dλ rows [B, H, R, T']
+        ranks=saved.ranks, interpret=interpret)  # dQ̂ [B, T', H, K], dλ rows [B, H, R, T']
     return LevelCotangents(d_queries, d_lam_rows, transitions, writes)
 
 
@@ -159,14 +164,12 @@ def _chunk_kernel_grads(blocks, interpret, inputs, saved: Saved, d_out_p, lam_ro
             d_lam_rows)
 
 
-def _chunk_vjp_grads(blocks, inputs, d_out, levels: LevelCotangents):
+def _chunk_vjp_grads(blocks, inputs, d_out, levels: LevelCotangents, num_level_rows: int):
     """``(dq, dk, dv, d log_a, dβ, dλ rows)`` from the XLA VJP of ``chunk_map`` (its in-chunk ``dλ`` laid out as
-    λ rows, so the caller adds the chunk levels' rows and maps them back once)."""
+    ``num_level_rows`` λ rows, so the caller adds the chunk levels' rows and maps them back once)."""
     chunk = blocks.chunk
     lam = inputs[5]
-    length = lam.shape[1]
-    in_chunk, cross = chunk_levels(length, chunk)
-    _, chunk_vjp = jax.vjp(lambda *x: chunk_map(*x, chunk=chunk), *inputs[:5], level_columns(lam, in_chunk + cross))
+    _, chunk_vjp = jax.vjp(lambda *x: chunk_map(*x, chunk=chunk), *inputs[:5], level_columns(lam, chunk.bit_length()))
     *grads, d_columns = chunk_vjp((d_out.astype(jnp.float32), head_chunks(levels.d_queries, chunk),
                                    levels.d_transitions, levels.d_writes.astype(jnp.float32)))
-    return (*grads, level_rows(d_columns, -length % chunk, in_chunk + cross))
+    return (*grads, level_rows(d_columns, -lam.shape[1] % chunk, num_level_rows))

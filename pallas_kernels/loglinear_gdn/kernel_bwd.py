@@ -55,9 +55,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.loglinear.kernel_fwd import merge_masks, reads_level
+from pallas_kernels.loglinear.kernel_fwd import chunk_rank, merge_masks, optional_ref, reads_level
 from pallas_kernels.loglinear_gdn.kernel_fwd import stacked_levels
-from pallas_kernels.ssd.common import dot, dot_transposed_lhs, dot_transposed_rhs, last_row, launch_options
+from pallas_kernels.ssd.common import (dot, dot_transposed_lhs, dot_transposed_rhs, last_row, launch_options,
+                                       runs_operand)
 
 
 def _transposed_transition(cotangent: jax.Array, w: jax.Array, decayed_keys: jax.Array,
@@ -67,15 +68,17 @@ def _transposed_transition(cotangent: jax.Array, w: jax.Array, decayed_keys: jax
     return decay * cotangent - dot_transposed_lhs(w, keyed)
 
 
-def _level_cotangents_kernel(read_queries_ref, d_out_ref, w_ref, decayed_ref, cum_ref, lam_ref, carried_ref,
-                             writes_ref, *, chunk: int, num_chunks: int, num_levels: int, in_chunk_levels: int,
-                             cross_levels: int):
-    """Reverse over chunks with the cotangent stack on chip (module docstring)."""
+def _level_cotangents_kernel(read_queries_ref, d_out_ref, w_ref, decayed_ref, cum_ref, lam_ref, *refs, chunk: int,
+                             num_chunks: int, num_levels: int, in_chunk_levels: int, cross_levels: int):
+    """Reverse over chunks with the cotangent stack on chip (module docstring). With ranks the counter is the
+    rank: a rank-0 chunk reads no level, so it passes zero cotangents to the previous segment's stack."""
+    ranks_ref, (carried_ref, writes_ref) = optional_ref(refs, 2)
     zeros = jnp.zeros((w_ref.shape[1], d_out_ref.shape[1]), jnp.float32)  # [K, BV]
 
     def step(i, levels):  # levels: tuple of [K, BV] float32, the cotangents of the stack entering chunk n + 1
         n = num_chunks - 1 - i
-        masks = [merge_masks(n + 1, level) for level in range(num_levels)]
+        rank = chunk_rank(ranks_ref, n, n * chunk)
+        masks = [merge_masks(rank + 1, level) for level in range(num_levels)]
         merged = zeros  # dH = dS^{(m)}_{n+1}
         for (_, at), total in zip(masks, levels):
             merged = merged + jnp.where(at, total, 0.0)
@@ -97,7 +100,7 @@ def _level_cotangents_kernel(read_queries_ref, d_out_ref, w_ref, decayed_ref, cu
             direct = dot_transposed_lhs(weighted, d_out)  # D^{(j)}_n  [K, BV]
             return direct + _transposed_transition(cotangent, w, decayed_keys, decay)
 
-        return tuple(jax.lax.cond(reads_level(n, level), functools.partial(entering, level=level),
+        return tuple(jax.lax.cond(reads_level(rank, level), functools.partial(entering, level=level),
                                   lambda cotangent: zeros, cotangent) if level < cross_levels else zeros
                      for level, cotangent in enumerate(carried))  # N = 1: one unused slot, never read
 
@@ -106,21 +109,23 @@ def _level_cotangents_kernel(read_queries_ref, d_out_ref, w_ref, decayed_ref, cu
 
 def level_cotangents(read_queries: jax.Array, d_out: jax.Array, w: jax.Array, decayed_keys: jax.Array,
                      cum: jax.Array, lam_rows: jax.Array, *, chunk: int, in_chunk_levels: int, value_block: int,
-                     cotangent_dtype, num_warps: int | None = None,
-                     interpret=None) -> tuple[jax.Array, jax.Array]:
+                     cotangent_dtype, num_warps: int | None = None, ranks: jax.Array | None = None,
+                     rank_chunks: int | None = None, interpret=None) -> tuple[jax.Array, jax.Array]:
     """(``E [B, H, N, Lc, K, V]``: cotangents of every level carried through every chunk's transition,
     ``dX [B, H, N, K, V]``: cotangents of every chunk's writes), both in ``cotangent_dtype``.
 
     ``read_queries`` (Q̂), ``w``, ``decayed_keys`` (K̃) ``[B, T', H, K]``, ``d_out [B, T', H, V]``,
     ``cum [B, T', H]`` float32, ``lam_rows [B, H, R, T']`` (λ level-major, ``level_inputs.level_rows``: ``R``
     covers the ``in_chunk_levels`` and the ``bit_length(N − 1)`` chunk levels), ``T' = N·C``,
-    ``Lc = kernel_fwd.stacked_levels(N)``."""
+    ``Lc = kernel_fwd.stacked_levels(rank_chunks)``; ``ranks``, ``rank_chunks`` as in ``kernel_fwd.level_states``."""
     batch, length, heads, key_dim = w.shape
     value_dim = d_out.shape[3]
     num_chunks = length // chunk
-    num_levels = stacked_levels(num_chunks)
+    rank_chunks = rank_chunks or num_chunks
+    num_levels = stacked_levels(rank_chunks)
     kernel = functools.partial(_level_cotangents_kernel, chunk=chunk, num_chunks=num_chunks, num_levels=num_levels,
-                               in_chunk_levels=in_chunk_levels, cross_levels=(num_chunks - 1).bit_length())
+                               in_chunk_levels=in_chunk_levels, cross_levels=(rank_chunks - 1).bit_length())
+    ranks_specs, ranks_operands = runs_operand(ranks, length, lambda b, h, j: (b, 0))
     keyed = pl.BlockSpec((None, length, None, key_dim), lambda b, h, j: (b, 0, h, 0))
     return pl.pallas_call(
         kernel,
@@ -132,6 +137,7 @@ def level_cotangents(read_queries: jax.Array, d_out: jax.Array, w: jax.Array, de
             keyed,
             pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h)),
             pl.BlockSpec((None, None, lam_rows.shape[2], length), lambda b, h, j: (b, h, 0, 0)),
+            *ranks_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, num_chunks, num_levels, key_dim, value_block),
@@ -144,18 +150,19 @@ def level_cotangents(read_queries: jax.Array, d_out: jax.Array, w: jax.Array, de
         ],
         name="loglinear_gdn_level_cotangents",
         **launch_options(interpret, num_warps),
-    )(read_queries, d_out, w, decayed_keys, cum, lam_rows)
+    )(read_queries, d_out, w, decayed_keys, cum, lam_rows, *ranks_operands)
 
 
-def _level_read_grads_kernel(read_queries_ref, d_out_ref, lam_ref, states_ref, d_queries_ref, d_lam_ref, *,
-                             in_chunk_levels: int, cross_levels: int, value_block: int):
+def _level_read_grads_kernel(read_queries_ref, d_out_ref, lam_ref, states_ref, *refs, in_chunk_levels: int,
+                             cross_levels: int, value_block: int):
     """One chunk: ``dQ̂`` and the chunk levels' ``dλ`` of its level reads (module docstring, part 2)."""
+    ranks_ref, (d_queries_ref, d_lam_ref) = optional_ref(refs, 2)
     read_queries = read_queries_ref[...]  # Q̂  [C, K]
     chunk, key_dim = read_queries.shape
     zeros = jnp.zeros((chunk,), jnp.float32)  # [C]
     for row in range(d_lam_ref.shape[0]):  # the in-chunk levels' λ gradients come from the per-chunk map
         d_lam_ref[row] = zeros
-    chunk_index = pl.program_id(2)
+    rank = chunk_rank(ranks_ref, pl.program_id(2))
 
     def read_level(d_queries, level):  # one [C, K] float32 sum live: λ scales each block's dO S^{(j)ᵀ}
         weight = lam_ref[in_chunk_levels + level][:, None]  # λ^{(L0+j)}  [C, 1]
@@ -170,7 +177,7 @@ def _level_read_grads_kernel(read_queries_ref, d_out_ref, lam_ref, states_ref, d
 
     d_queries = jnp.zeros((chunk, key_dim), jnp.float32)  # [C, K]
     for level in range(cross_levels):
-        d_queries, d_weight = jax.lax.cond(reads_level(chunk_index, level),
+        d_queries, d_weight = jax.lax.cond(reads_level(rank, level),
                                            functools.partial(read_level, level=level),
                                            lambda d_queries: (d_queries, zeros), d_queries)
         d_lam_ref[in_chunk_levels + level] = d_weight
@@ -179,12 +186,13 @@ def _level_read_grads_kernel(read_queries_ref, d_out_ref, lam_ref, states_ref, d
 
 def level_read_grads(read_queries: jax.Array, d_out: jax.Array, lam_rows: jax.Array, states: jax.Array, *,
                      chunk: int, in_chunk_levels: int, cross_levels: int, value_block: int,
-                     num_warps: int | None = None, interpret=None) -> tuple[jax.Array, jax.Array]:
+                     num_warps: int | None = None, ranks: jax.Array | None = None,
+                     interpret=None) -> tuple[jax.Array, jax.Array]:
     """(``dQ̂ [B, T', H, K]``, ``dλ`` rows ``[B, H, R, T']`` with only the chunk levels' rows non-zero), float32.
 
     ``read_queries`` (Q̂) ``[B, T', H, K]``, ``d_out [B, T', H, V]`` (both in the states' dtype for bf16 products),
     ``lam_rows [B, H, R, T']`` (``level_inputs.level_rows``), ``states [B, H, N, Lc, K, V]``
-    (``kernel_fwd.level_states``)."""
+    (``kernel_fwd.level_states``), ``ranks`` as there."""
     batch, length, heads, key_dim = read_queries.shape
     value_dim = d_out.shape[3]
     num_levels, rows = states.shape[3], lam_rows.shape[2]
@@ -192,6 +200,7 @@ def level_read_grads(read_queries: jax.Array, d_out: jax.Array, lam_rows: jax.Ar
                                value_block=value_block)
     keyed = pl.BlockSpec((None, chunk, None, key_dim), lambda b, h, n: (b, n, h, 0))
     lam_spec = pl.BlockSpec((None, None, rows, chunk), lambda b, h, n: (b, h, 0, n))
+    ranks_specs, ranks_operands = runs_operand(ranks, chunk, lambda b, h, n: (b, n))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, length // chunk),
@@ -200,19 +209,22 @@ def level_read_grads(read_queries: jax.Array, d_out: jax.Array, lam_rows: jax.Ar
             pl.BlockSpec((None, chunk, None, value_dim), lambda b, h, n: (b, n, h, 0)),
             lam_spec,
             pl.BlockSpec((None, None, None, num_levels, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0, 0)),
+            *ranks_specs,
         ],
         out_specs=[keyed, lam_spec],
         out_shape=[jax.ShapeDtypeStruct(read_queries.shape, jnp.float32),
                    jax.ShapeDtypeStruct(lam_rows.shape, jnp.float32)],
         name="loglinear_gdn_level_read_grads",
         **launch_options(interpret, num_warps),
-    )(read_queries, d_out, lam_rows, states)
+    )(read_queries, d_out, lam_rows, states, *ranks_operands)
 
 
-def _transition_cotangents_kernel(carried_ref, states_ref, d_transition_ref, *, cross_levels: int, key_block: int):
-    """One chunk: ``P_n = Σ_{j: bit j of n} E^{(j)}_n S^{(j)ᵀ}_n`` (module docstring, part 3)."""
+def _transition_cotangents_kernel(carried_ref, states_ref, *refs, cross_levels: int, key_block: int):
+    """One chunk: ``P_n = Σ_{j: bit j of n} E^{(j)}_n S^{(j)ᵀ}_n`` (module docstring, part 3; with ranks, bit j of
+    the rank)."""
+    ranks_ref, (d_transition_ref,) = optional_ref(refs, 1)
     key_dim = d_transition_ref.shape[1]
-    chunk_index = pl.program_id(2)
+    rank = chunk_rank(ranks_ref, pl.program_id(2))
     for start in range(0, key_dim, key_block):
         rows = pl.ds(start, key_block)
 
@@ -221,24 +233,26 @@ def _transition_cotangents_kernel(carried_ref, states_ref, d_transition_ref, *, 
 
         total = jnp.zeros((key_block, key_dim), jnp.float32)  # rows of P_n  [BK, K]
         for level in range(cross_levels):
-            total = jax.lax.cond(reads_level(chunk_index, level), functools.partial(add_level, level=level),
+            total = jax.lax.cond(reads_level(rank, level), functools.partial(add_level, level=level),
                                  lambda total: total, total)
         d_transition_ref[rows, :] = total
 
 
 def transition_cotangents(carried: jax.Array, states: jax.Array, *, cross_levels: int, key_block: int,
-                          num_warps: int | None = None, interpret=None) -> jax.Array:
+                          num_warps: int | None = None, ranks: jax.Array | None = None, interpret=None) -> jax.Array:
     """``P [B, H, N, K, K]`` float32 from ``carried`` (E, ``level_cotangents``) and ``states``
-    (``kernel_fwd.level_states``), both ``[B, H, N, Lc, K, V]`` in one dtype."""
+    (``kernel_fwd.level_states``), both ``[B, H, N, Lc, K, V]`` in one dtype; ``ranks [B, N·C]`` as there."""
     batch, heads, num_chunks, num_levels, key_dim, value_dim = states.shape
     kernel = functools.partial(_transition_cotangents_kernel, cross_levels=cross_levels, key_block=key_block)
     per_chunk = pl.BlockSpec((None, None, None, num_levels, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0, 0))
+    chunk = None if ranks is None else ranks.shape[1] // num_chunks
+    ranks_specs, ranks_operands = runs_operand(ranks, chunk, lambda b, h, n: (b, n))
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, num_chunks),
-        in_specs=[per_chunk, per_chunk],
+        in_specs=[per_chunk, per_chunk, *ranks_specs],
         out_specs=pl.BlockSpec((None, None, None, key_dim, key_dim), lambda b, h, n: (b, h, n, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, key_dim), jnp.float32),
         name="loglinear_gdn_transition_cotangents",
         **launch_options(interpret, num_warps),
-    )(carried, states)
+    )(carried, states, *ranks_operands)

@@ -65,7 +65,7 @@ def test_path_attention_auto_on_gpu(monkeypatch, dim, expected_impl):
     np.testing.assert_allclose(np.asarray(auto), np.asarray(expected), atol=1e-5, rtol=0)
 
 
-def test_loglinear_auto_falls_back_for_segment_ids(monkeypatch):
+def test_loglinear_auto_takes_the_kernels_for_segment_ids(monkeypatch):
     monkeypatch.setattr(registry, "backend", lambda: "gpu")
     rng = np.random.default_rng(1)
     length, levels = 24, 6
@@ -73,11 +73,11 @@ def test_loglinear_auto_falls_back_for_segment_ids(monkeypatch):
     log_a = jnp.asarray(-rng.uniform(0.01, 0.3, size=(1, length, 1)), jnp.float32)
     lam = jnp.asarray(rng.uniform(0.5, 1.5, size=(1, length, 1, levels)), jnp.float32)
     segments = jnp.asarray(np.repeat([0, 1], [10, length - 10])[None], jnp.int32)
-    with pytest.raises(UnsupportedShapeError, match="segment_ids"):
-        loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=segments)
     auto = loglinear_ssd(q, k, v, log_a, lam, impl="auto", segment_ids=segments)
+    kernels = loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=segments)
     chunked = loglinear_ssd(q, k, v, log_a, lam, impl="chunked", segment_ids=segments)
-    np.testing.assert_allclose(np.asarray(auto), np.asarray(chunked), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(kernels))
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(chunked), atol=1e-5, rtol=0)
     no_segments = loglinear_ssd(q, k, v, log_a, lam, impl="auto")
     kernels = loglinear_ssd(q, k, v, log_a, lam, impl="pallas")
     np.testing.assert_array_equal(np.asarray(no_segments), np.asarray(kernels))

@@ -106,7 +106,7 @@ def test_chunk_grads_match_the_vjp_of_the_per_chunk_map():
     @jax.jit
     def kernel_and_oracle(arrays):
         q, k, v, log_a, beta, lam = arrays
-        saved = _forward(*arrays, blocks, None, for_backward=True)[1]
+        saved = _forward(*arrays, None, blocks, None, None, for_backward=True)[1]
         lam_rows, rows_vjp = jax.vjp(lambda lam: level_rows(lam, padding, in_chunk + cross), lam)
         *kernel, d_lam_rows = chunk_grads(
             *(pad_time(x, padding) for x in (q, k, v, d_out)), saved.w, saved.inverse, saved.beta, saved.cum,
