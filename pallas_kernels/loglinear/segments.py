@@ -13,10 +13,12 @@ levels ``0 … log2 C`` are exactly those of one sequence, and the chunk levels 
 chunk index replaced by the rank: row n reads chunk level ``i`` iff bit ``i`` of its rank is 1, from the state
 built at row ``n − rank + ((rank >> i) << i)``, and the level stack restarts at every rank-0 row.
 
-A batch row of T tokens in ``S`` segments needs ``Σ ceil(T_s / C) ≤ ceil(T / C) + S − 1`` rows. The layout has
-``row_capacity(T, C) = 2 ceil(T / C)`` rows, enough when segments average at least C tokens; empty rows at the
-end are rank-0 rows of neutral tokens. ``on_segment_rows`` runs the kernels on the layout when every batch row
-fits and the given fallback (the chunked XLA path) otherwise, chosen on the device by ``lax.cond``.
+A batch row of T tokens in ``S`` segments needs ``Σ ceil(T_s / C) ≤ ceil(T / C) + S − 1`` rows; empty rows at
+the end of the layout are rank-0 rows of neutral tokens, and the kernels' work grows with the rows. So
+``on_segment_rows`` picks, on the device (``lax.switch``), the smallest of ``row_capacities(T, C)``:
+``N + ceil(N / 8)`` rows (``N = ceil(T / C)``; enough for ``S ≤ N / 8 + 1``, e.g. segments averaging 8C tokens)
+or ``2N`` rows (segments averaging at least C tokens), and the given fallback (the chunked XLA path) when
+neither fits. Each capacity is a separately compiled kernel path.
 """
 
 from __future__ import annotations
@@ -39,9 +41,17 @@ class SegmentRows(NamedTuple):
     fits: jax.Array  # [] bool: every batch row fits in R rows
 
 
-def row_capacity(length: int, chunk: int) -> int:
-    """Rows of the layout for ``length`` tokens: ``2 · ceil(length / chunk)`` (module docstring)."""
-    return 2 * -(-length // chunk)
+def row_capacities(length: int, chunk: int) -> tuple[int, ...]:
+    """The layout sizes ``on_segment_rows`` chooses from for ``length`` tokens, ascending:
+    ``N + ceil(N / 8)`` and ``2N`` rows with ``N = ceil(length / chunk)`` (module docstring)."""
+    num_chunks = -(-length // chunk)
+    return tuple(sorted({num_chunks + -(-num_chunks // 8), 2 * num_chunks}))
+
+
+def rows_needed(segment_ids: jax.Array, chunk: int) -> jax.Array:
+    """``[]`` int32: the most layout rows a batch row of ``segment_ids [B, T]`` needs, ``max_b Σ ceil(T_s / C)``."""
+    positions = segment_positions(segment_ids)  # [B, T]
+    return jnp.max(jnp.sum(positions % chunk == 0, axis=1, dtype=jnp.int32))
 
 
 def segment_rows(segment_ids: jax.Array, chunk: int, num_rows: int) -> SegmentRows:
@@ -86,13 +96,18 @@ def all_level_columns(lam: jax.Array, length: int) -> jax.Array:
 
 def on_segment_rows(kernels: Callable[..., jax.Array], fallback: Callable[..., jax.Array],
                     token_arrays: tuple, segment_ids: jax.Array, chunk: int) -> jax.Array:
-    """``kernels(*arrays_on_rows, ranks)`` mapped back to the tokens when every batch row fits the layout, else
-    ``fallback(*token_arrays)``; both return ``[B, T, ...]`` of one shape and dtype. ``token_arrays``: the
-    ``[B, T, ...]`` operands, zero in the padding slots."""
-    length = segment_ids.shape[1]
-    rows = segment_rows(segment_ids, chunk, row_capacity(length, chunk))
+    """``kernels(*arrays_on_rows, ranks)`` on the smallest layout of ``row_capacities`` that every batch row fits,
+    mapped back to the tokens, else ``fallback(*token_arrays)``; both return ``[B, T, ...]`` of one shape and dtype.
+    ``token_arrays``: the ``[B, T, ...]`` operands (the layout's padding slots get zeros)."""
+    capacities = row_capacities(segment_ids.shape[1], chunk)
 
-    def on_rows(arrays):
-        return from_rows(kernels(*(to_rows(x, rows) for x in arrays), rows.ranks), rows)
+    def on_rows(num_rows: int):
+        def run(arrays):
+            rows = segment_rows(segment_ids, chunk, num_rows)
+            return from_rows(kernels(*(to_rows(x, rows) for x in arrays), rows.ranks), rows)
 
-    return lax.cond(rows.fits, on_rows, lambda arrays: fallback(*arrays), token_arrays)
+        return run
+
+    branch = jnp.searchsorted(jnp.asarray(capacities), rows_needed(segment_ids, chunk))  # len(capacities): none fits
+    branches = [on_rows(num_rows) for num_rows in capacities] + [lambda arrays: fallback(*arrays)]
+    return lax.switch(branch, branches, token_arrays)

@@ -73,9 +73,10 @@ def test_loglinear_auto_takes_the_kernels_for_segment_ids(monkeypatch):
     log_a = jnp.asarray(-rng.uniform(0.01, 0.3, size=(1, length, 1)), jnp.float32)
     lam = jnp.asarray(rng.uniform(0.5, 1.5, size=(1, length, 1, levels)), jnp.float32)
     segments = jnp.asarray(np.repeat([0, 1], [10, length - 10])[None], jnp.int32)
-    auto = loglinear_ssd(q, k, v, log_a, lam, impl="auto", segment_ids=segments)
-    kernels = loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=segments)
-    chunked = loglinear_ssd(q, k, v, log_a, lam, impl="chunked", segment_ids=segments)
+    with jax.default_matmul_precision("highest"):  # XLA:GPU would otherwise use TF32 in the XLA products
+        auto = loglinear_ssd(q, k, v, log_a, lam, impl="auto", segment_ids=segments)
+        kernels = loglinear_ssd(q, k, v, log_a, lam, impl="pallas", segment_ids=segments)
+        chunked = loglinear_ssd(q, k, v, log_a, lam, impl="chunked", segment_ids=segments)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(kernels))
     np.testing.assert_allclose(np.asarray(auto), np.asarray(chunked), atol=1e-5, rtol=0)
     no_segments = loglinear_ssd(q, k, v, log_a, lam, impl="auto")

@@ -15,7 +15,7 @@ from kernel_inputs import gated_draws, packed_segment_ids
 
 from jaxlm.ops.loglinear import loglinear_gated_delta_rule, loglinear_ssd
 from pallas_kernels.loglinear import loglinear_blocks, loglinear_ssd_pallas
-from pallas_kernels.loglinear.segments import from_rows, row_capacity, segment_rows, to_rows
+from pallas_kernels.loglinear.segments import from_rows, row_capacities, rows_needed, segment_rows, to_rows
 from pallas_kernels.loglinear_gdn import loglinear_gated_delta_rule_pallas, loglinear_gdn_blocks
 
 CHUNK = 16
@@ -32,7 +32,7 @@ def starts_to_ids(length: int, rows: list[list[int]]) -> np.ndarray:
 
 
 # Row 0: [0, 3), [3, 16), [16] (a one-token segment on a chunk edge), [17, 100) (83 tokens: ranks 0 … 5).
-# Row 1: [0, 40), [40] (one token), [41, 100). Both fit the 14-row layout (9 and 8 rows).
+# Row 1: [0, 40), [40] (one token), [41, 100). Row 0 needs 9 rows: more than the 8-row layout, within the 14-row one.
 SEGMENTS = starts_to_ids(LENGTH, [[3, 16, 17], [40, 41]])
 
 
@@ -49,7 +49,8 @@ def layout_by_loop(segment_ids: np.ndarray, chunk: int):
 
 
 def test_segment_rows_match_a_per_token_loop():
-    rows = segment_rows(jnp.asarray(SEGMENTS), CHUNK, row_capacity(LENGTH, CHUNK))
+    assert row_capacities(LENGTH, CHUNK) == (8, 14) and int(rows_needed(jnp.asarray(SEGMENTS), CHUNK)) == 9
+    rows = segment_rows(jnp.asarray(SEGMENTS), CHUNK, 14)
     slots, ranks = layout_by_loop(SEGMENTS, CHUNK)
     np.testing.assert_array_equal(np.asarray(rows.slots), slots)
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(rows.ranks), slots, axis=1), ranks)
@@ -61,8 +62,9 @@ def test_segment_rows_match_a_per_token_loop():
     used = np.zeros(on_rows.shape[:2], bool)
     np.put_along_axis(used, slots, True, axis=1)
     np.testing.assert_array_equal(np.asarray(on_rows)[~used], 0.0)  # padding slots hold zeros
-    overflowing = packed_segment_ids(45)  # row 0 needs 8 rows of 16, the layout has 6
-    assert not bool(segment_rows(jnp.asarray(overflowing), CHUNK, row_capacity(45, CHUNK)).fits)
+    overflowing = packed_segment_ids(45)  # row 0 needs 8 rows of 16, the largest layout has 6
+    assert row_capacities(45, CHUNK) == (4, 6) and int(rows_needed(jnp.asarray(overflowing), CHUNK)) == 8
+    assert not bool(segment_rows(jnp.asarray(overflowing), CHUNK, 6).fits)
 
 
 def random_inputs(seed: int, length: int, groups: int = 1, heads: int = 2, dim: int = 16) -> tuple:
@@ -112,11 +114,13 @@ def assert_close(actual, expected, tol, name=""):
     pytest.param("ssd", "reference", SEGMENTS, id="ssd-reference"),
     pytest.param("gdn", "kernels", SEGMENTS, id="gdn-kernels"),
     pytest.param("gdn", "chunk_vjp", SEGMENTS, id="gdn-chunk_vjp"),
+    pytest.param("gdn", "kernels", starts_to_ids(LENGTH, [[20], [64]]), id="gdn-kernels-smaller-layout"),
     pytest.param("ssd", "kernels", packed_segment_ids(LENGTH), id="ssd-overflow-fallback"),
 ])
 def test_forward_and_gradients_match_the_recurrent_reference(op, backward, segments):
-    """Two query heads per key group; the last case's rows need more rows than the layout has (three segments
-    in one chunk, short segments), so it runs the chunked fallback."""
+    """Two query heads per key group. ``SEGMENTS`` run on the 14-row layout, the smaller-layout case on the
+    8-row one (7 rows needed); the last case's rows need more rows than either has (three segments in one chunk,
+    short segments), so it runs the chunked fallback."""
     reference_op, pallas_op, blocks_of = OPS[op]
     segment_ids = jnp.asarray(segments)
     arrays = [jnp.asarray(x, jnp.float32) for x in random_inputs(LENGTH, LENGTH)]
@@ -151,8 +155,8 @@ def test_bfloat16_inputs_accumulate_in_float32(op):
 
 
 def test_ops_with_segment_ids_run_the_kernels():
-    segment_ids = jnp.asarray(starts_to_ids(LENGTH, [[50], [30]]))  # fits the layout of the default 64-token chunks
-    assert bool(segment_rows(segment_ids, 64, row_capacity(LENGTH, 64)).fits)
+    segment_ids = jnp.asarray(starts_to_ids(LENGTH, [[50], [30]]))  # fits the layouts of the default 64-token chunks
+    assert int(rows_needed(segment_ids, 64)) <= row_capacities(LENGTH, 64)[0]
     q, k, v, log_a, beta, lam = (jnp.asarray(x, jnp.float32) for x in random_inputs(3, LENGTH))
     through_op = loglinear_gated_delta_rule(q, k, v, log_a, beta, lam, impl="pallas", segment_ids=segment_ids)
     direct = loglinear_gated_delta_rule_pallas(q, k, v, log_a, beta, lam, segment_ids=segment_ids)
