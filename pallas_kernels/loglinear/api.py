@@ -53,7 +53,7 @@ def loglinear_ssd_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
     def kernels(q, k, v, log_a, lam, ranks):
         return _loglinear_ssd(q, k, v, log_a, lam, ranks, blocks, interpret, rank_chunks)
 
-    def chunked(q, k, v, log_a, lam):
+    def chunked(q, k, v, log_a, lam, segment_ids):
         from jaxlm.ops.loglinear import loglinear_ssd  # the XLA path lives in jaxlm: imported lazily
 
         return loglinear_ssd(q, k, v, log_a, all_level_columns(lam, q.shape[1]), impl="chunked",

@@ -23,6 +23,7 @@ neither fits. Each capacity is a separately compiled kernel path.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -97,8 +98,17 @@ def all_level_columns(lam: jax.Array, length: int) -> jax.Array:
 def on_segment_rows(kernels: Callable[..., jax.Array], fallback: Callable[..., jax.Array],
                     token_arrays: tuple, segment_ids: jax.Array, chunk: int) -> jax.Array:
     """``kernels(*arrays_on_rows, ranks)`` on the smallest layout of ``row_capacities`` that every batch row fits,
-    mapped back to the tokens, else ``fallback(*token_arrays)``; both return ``[B, T, ...]`` of one shape and dtype.
-    ``token_arrays``: the ``[B, T, ...]`` operands (the layout's padding slots get zeros)."""
+    mapped back to the tokens, else ``fallback(*token_arrays, segment_ids)``; both return ``[B, T, ...]`` of one
+    shape and dtype. ``token_arrays``: the ``[B, T, ...]`` float operands (the layout's padding slots get zeros).
+
+    Differentiable: the backward switches to the taken branch's own VJP, recomputing that branch's forward.
+    (Differentiating ``lax.switch`` directly makes every branch return every other branch's residuals, zero-filled,
+    which cost more than the recomputation.)"""
+    return _recomputed_switch(kernels, fallback, chunk, tuple(token_arrays), segment_ids)
+
+
+def _branches(kernels, fallback, chunk: int, segment_ids: jax.Array) -> tuple[jax.Array, list]:
+    """(the branch to take, one ``arrays -> out`` function per layout capacity and the fallback last)."""
     capacities = row_capacities(segment_ids.shape[1], chunk)
 
     def on_rows(num_rows: int):
@@ -109,5 +119,31 @@ def on_segment_rows(kernels: Callable[..., jax.Array], fallback: Callable[..., j
         return run
 
     branch = jnp.searchsorted(jnp.asarray(capacities), rows_needed(segment_ids, chunk))  # len(capacities): none fits
-    branches = [on_rows(num_rows) for num_rows in capacities] + [lambda arrays: fallback(*arrays)]
-    return lax.switch(branch, branches, token_arrays)
+    return branch, [on_rows(num_rows) for num_rows in capacities] + [lambda arrays: fallback(*arrays, segment_ids)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recomputed_switch(kernels, fallback, chunk, token_arrays, segment_ids):
+    branch, functions = _branches(kernels, fallback, chunk, segment_ids)
+    return lax.switch(branch, functions, token_arrays)
+
+
+def _switch_fwd(kernels, fallback, chunk, token_arrays, segment_ids):
+    return _recomputed_switch(kernels, fallback, chunk, token_arrays, segment_ids), (token_arrays, segment_ids)
+
+
+def _switch_bwd(kernels, fallback, chunk, residuals, d_out):
+    token_arrays, segment_ids = residuals
+    branch, functions = _branches(kernels, fallback, chunk, segment_ids)
+
+    def pulled_back(function):
+        def run(operands):
+            arrays, cotangent = operands
+            return jax.vjp(function, arrays)[1](cotangent)[0]
+
+        return run
+
+    return lax.switch(branch, [pulled_back(function) for function in functions], (token_arrays, d_out)), None
+
+
+_recomputed_switch.defvjp(_switch_fwd, _switch_bwd)

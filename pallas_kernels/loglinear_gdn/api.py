@@ -59,7 +59,7 @@ def loglinear_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, 
     def kernels(q, k, v, log_a, beta, lam, ranks):
         return _loglinear_gdn(q, k, v, log_a, beta, lam, ranks, blocks, interpret, rank_chunks)
 
-    def chunked(q, k, v, log_a, beta, lam):
+    def chunked(q, k, v, log_a, beta, lam, segment_ids):
         from jaxlm.ops.loglinear import loglinear_gated_delta_rule  # the XLA path lives in jaxlm: imported lazily
 
         return loglinear_gated_delta_rule(q, k, v, log_a, beta, all_level_columns(lam, q.shape[1]), impl="chunked",
