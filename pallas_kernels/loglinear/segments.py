@@ -72,8 +72,7 @@ def segment_rows(segment_ids: jax.Array, chunk: int, num_rows: int) -> SegmentRo
 
 def to_rows(x: jax.Array, rows: SegmentRows) -> jax.Array:
     """``[B, T, ...] -> [B, R·C, ...]``: every token into its slot, zeros in the padding slots."""
-    padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [B, T + 1, ...]: index T reads zeros
-    return jax.vmap(lambda row, sources: row[sources])(padded, rows.sources)
+    return jax.vmap(lambda row, sources: jnp.take(row, sources, axis=0, mode="fill", fill_value=0))(x, rows.sources)
 
 
 def from_rows(y: jax.Array, rows: SegmentRows) -> jax.Array:
