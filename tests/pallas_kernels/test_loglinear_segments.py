@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_inputs import gated_draws, packed_segment_ids
+from kernel_inputs import gated_draws, jitted_outputs_and_vjp, packed_segment_ids
 
 from jaxlm.ops.loglinear import loglinear_gated_delta_rule, loglinear_ssd
 from pallas_kernels.loglinear import loglinear_blocks, loglinear_ssd_pallas
@@ -92,18 +92,6 @@ OPS = {
 }
 
 
-def outputs_and_grads(fn, arrays, d_out):
-    """``fn(*arrays)`` and the gradients of ``<fn(*arrays), d_out>`` under one jit, float32 products."""
-
-    @jax.jit
-    def run(arrays, d_out):
-        out, vjp = jax.vjp(fn, *arrays)
-        return out, vjp(d_out)
-
-    with jax.default_matmul_precision("float32"):
-        return run(arrays, d_out)
-
-
 def assert_close(actual, expected, tol, name=""):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * np.abs(expected).max(), err_msg=name)
@@ -126,8 +114,9 @@ def test_forward_and_gradients_match_the_recurrent_reference(op, backward, segme
     arrays = [jnp.asarray(x, jnp.float32) for x in random_inputs(LENGTH, LENGTH)]
     d_out = jnp.asarray(np.random.default_rng(1).normal(size=arrays[2].shape), jnp.float32)
     blocks = blocks_of(backward)
-    out, grads = outputs_and_grads(lambda *x: pallas_op(*x, blocks=blocks, segment_ids=segment_ids), arrays, d_out)
-    expected, expected_grads = outputs_and_grads(
+    out, grads = jitted_outputs_and_vjp(lambda *x: pallas_op(*x, blocks=blocks, segment_ids=segment_ids), arrays,
+                                        d_out)
+    expected, expected_grads = jitted_outputs_and_vjp(
         lambda *x: reference_op(*x, impl="recurrent", segment_ids=segment_ids), arrays, d_out)
     assert out.shape == expected.shape and out.dtype == jnp.float32
     assert_close(out, expected, 1e-5, "out")
