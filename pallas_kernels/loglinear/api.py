@@ -46,8 +46,6 @@ def loglinear_ssd_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
     check_blocks(blocks, q.shape[-1], v.shape[-1])
     if segment_ids is None:
         return _loglinear_ssd(q, k, v, log_a, lam, None, blocks, interpret, None)
-    if segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"loglinear_ssd_pallas: segment_ids must be [B, T]={q.shape[:2]}, got {segment_ids.shape}")
     rank_chunks = -(-q.shape[1] // blocks.chunk)
 
     def kernels(q, k, v, log_a, lam, ranks):
@@ -59,7 +57,8 @@ def loglinear_ssd_pallas(q: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
         return loglinear_ssd(q, k, v, log_a, all_level_columns(lam, q.shape[1]), impl="chunked",
                              chunk_size=blocks.chunk, segment_ids=segment_ids)
 
-    return on_segment_rows(kernels, chunked, (q, k, v, log_a, lam), segment_ids, blocks.chunk)
+    return on_segment_rows("loglinear_ssd_pallas", kernels, chunked, (q, k, v, log_a, lam), segment_ids,
+                           blocks.chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

@@ -94,15 +94,19 @@ def all_level_columns(lam: jax.Array, length: int) -> jax.Array:
     return jnp.pad(lam, ((0, 0), (0, 0), (0, 0), (0, missing)))
 
 
-def on_segment_rows(kernels: Callable[..., jax.Array], fallback: Callable[..., jax.Array],
+def on_segment_rows(name: str, kernels: Callable[..., jax.Array], fallback: Callable[..., jax.Array],
                     token_arrays: tuple, segment_ids: jax.Array, chunk: int) -> jax.Array:
     """``kernels(*arrays_on_rows, ranks)`` on the smallest layout of ``row_capacities`` that every batch row fits,
     mapped back to the tokens, else ``fallback(*token_arrays, segment_ids)``; both return ``[B, T, ...]`` of one
     shape and dtype. ``token_arrays``: the ``[B, T, ...]`` float operands (the layout's padding slots get zeros).
+    ValueError (naming the caller ``name``) for ``segment_ids`` of another shape than ``[B, T]``.
 
     Differentiable: the backward switches to the taken branch's own VJP, recomputing that branch's forward.
     (Differentiating ``lax.switch`` directly makes every branch return every other branch's residuals, zero-filled,
     which cost more than the recomputation.)"""
+    expected = token_arrays[0].shape[:2]
+    if segment_ids.shape != expected:
+        raise ValueError(f"{name}: segment_ids must be [B, T]={expected}, got {segment_ids.shape}")
     return _recomputed_switch(kernels, fallback, chunk, tuple(token_arrays), segment_ids)
 
 

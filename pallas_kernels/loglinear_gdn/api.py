@@ -51,9 +51,6 @@ def loglinear_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, 
     check_blocks(blocks, q.shape[-1], v.shape[-1])
     if segment_ids is None:
         return _loglinear_gdn(q, k, v, log_a, beta, lam, None, blocks, interpret, None)
-    if segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"loglinear_gated_delta_rule_pallas: segment_ids must be [B, T]={q.shape[:2]}, got "
-                         f"{segment_ids.shape}")
     rank_chunks = -(-q.shape[1] // blocks.chunk)
 
     def kernels(q, k, v, log_a, beta, lam, ranks):
@@ -65,7 +62,8 @@ def loglinear_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, 
         return loglinear_gated_delta_rule(q, k, v, log_a, beta, all_level_columns(lam, q.shape[1]), impl="chunked",
                                           chunk_size=blocks.chunk, segment_ids=segment_ids)
 
-    return on_segment_rows(kernels, chunked, (q, k, v, log_a, beta, lam), segment_ids, blocks.chunk)
+    return on_segment_rows("loglinear_gated_delta_rule_pallas", kernels, chunked, (q, k, v, log_a, beta, lam),
+                           segment_ids, blocks.chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
