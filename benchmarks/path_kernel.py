@@ -88,30 +88,32 @@ def with_cudnn_ratios(rows: list[dict]) -> list[dict]:
 
 
 def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str]:
-    """Forward ms of the XLA precomputation (blockwise terms in the kernel layout) and of the Pallas kernel
-    alone, per ``block:num_warps:num_stages`` variant (0 = Pallas' default), on bf16 inputs without gate."""
+    """Forward ms of the XLA precomputation (blockwise terms and super-block keys in the kernel layout) and of
+    the Pallas kernel alone, per ``block:num_warps:num_stages:superblock`` variant (0 = the default), on bf16
+    inputs without gate."""
     from pallas_kernels.path.blocks import path_blocks
     from pallas_kernels.path.kernel_fwd import path_forward
-    from pallas_kernels.path.layout import kernel_layout
+    from pallas_kernels.path.layout import forward_layout
 
     batch, length, heads, dim = (int(x) for x in shape.split("x"))
     q, k, v, w, beta = make_inputs(batch, length, heads, dim, jnp.bfloat16, False)
     lines = []
     for variant in variants:
-        block, num_warps, num_stages = (int(x) for x in variant.split(":"))
+        block, num_warps, num_stages, superblock = (int(x) for x in (variant + ":0:0:0:0").split(":")[:4])
         try:
-            blocks = path_blocks(dim, jnp.bfloat16, block, preprocess="xla")
-            precompute = jax.jit(lambda *x: kernel_layout(*x, blocks))
+            blocks = path_blocks(dim, jnp.bfloat16, block, preprocess="xla", forward_superblock=superblock or None)
+            precompute = jax.jit(lambda *x: forward_layout(*x, blocks))
             kernel_inputs = precompute(q, k, v, w, beta)
-            kernel = jax.jit(lambda *x: path_forward(*x, block=block, scale=dim ** -0.5,
-                                                     num_warps=num_warps or None, num_stages=num_stages or None))
+            kernel = jax.jit(lambda *x: path_forward(*x, block=block, superblock=blocks.forward_superblock,
+                                                     scale=dim ** -0.5, num_warps=num_warps or None,
+                                                     num_stages=num_stages or blocks.num_stages))
             timed = {"warmup": 1, "repeats": repeats}
             precompute_ms = 1e3 * median_seconds(lambda: precompute(q, k, v, w, beta), **timed)
             kernel_ms = 1e3 * median_seconds(lambda: kernel(*kernel_inputs), **timed)
             prep_ms = pallas_preprocess_ms(k, w, beta, block, timed)
-            lines.append(f"breakdown {shape} block={block} warps={num_warps} stages={num_stages}: "
-                         f"precompute {precompute_ms:.2f} ms (Pallas block terms {prep_ms:.2f} ms), "
-                         f"kernel {kernel_ms:.2f} ms")
+            lines.append(f"breakdown {shape} block={block} warps={num_warps} stages={num_stages} "
+                         f"superblock={blocks.forward_superblock}: precompute {precompute_ms:.2f} ms (Pallas "
+                         f"block terms {prep_ms:.2f} ms), kernel {kernel_ms:.2f} ms")
         except Exception as error:  # noqa: BLE001 - report and go on with the other variants
             lines.append(f"breakdown {shape} {variant}: - {type(error).__name__}: {str(error)[:300]}")
         print(lines[-1], flush=True)
@@ -150,8 +152,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--gate", action="store_true", help="time PaTH-FoX (with log forget gates)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="", help="write all rows here too")
-    parser.add_argument("--breakdown", default="", help="block:num_warps:num_stages,... (0 = default): time "
-                        "the precomputation and the kernel apart on the first shape, per variant")
+    parser.add_argument("--breakdown", default="", help="block:num_warps:num_stages:superblock,... (0 = default): "
+                        "time the precomputation and the kernel apart on the first shape, per variant")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     unknown = sorted(set(impls) - set(IMPLS))

@@ -2,8 +2,9 @@
 kernel, as a ``jax.custom_vjp``.
 
 Forward: the per-KV-head block terms (UT transform 𝒯, keys carried to their block end, block products) in
-XLA or in the preprocessing kernel ``kernel_prep`` (``preprocess``), then ``kernel_fwd.path_forward``: one program per query block
-builds its own intra-block logits and carried queries, scans the key blocks right to left, and also saves
+XLA or in the preprocessing kernel ``kernel_prep`` (``preprocess``), the keys carried on to their super-block
+end and the super-block products (``superblocks``), then ``kernel_fwd.path_forward``: one program per query
+block builds its own intra-block logits and carried queries, scans the key blocks right to left, and also saves
 the per-query log-sum-exp. Backward (exact either way): by default the Pallas kernels of ``kernel_bwd``
 (``backward="kernels"``); ``backward="xla"`` runs the linear-memory XLA backward of
 ``jaxlm.ops.path_blockwise_vjp`` (the reference) fed with the kernel's output and log-sum-exp.
@@ -21,13 +22,14 @@ from jaxlm.ops.path_blockwise_vjp import linear_memory_backward
 from pallas_kernels.path.blocks import PathBlocks, path_blocks
 from pallas_kernels.path.kernel_bwd import path_backward
 from pallas_kernels.path.kernel_fwd import path_forward
-from pallas_kernels.path.layout import cumulative_gate, kernel_layout, time_major
+from pallas_kernels.path.layout import cumulative_gate, forward_layout, time_major
 
 
 def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, scale: float | None = None,
                           block_size: int | None = None, backward_group_size: int = 4,
                           interpret=None, backward: str = "kernels", superblock: int | None = None,
-                          preprocess: str | None = None, terms_backward: str | None = None) -> jax.Array:
+                          preprocess: str | None = None, terms_backward: str | None = None,
+                          forward_superblock: int | None = None) -> jax.Array:
     """``o_i = Σ_{j≤i} softmax_j(scale·q_iᵀ H_i … H_{j+1} k_j + G_i − G_j) v_j`` on the kernels.
 
     Arguments as in ``jaxlm.ops.path.path_attention`` (``q [B, T, H, D]``; ``k, v, w [B, T, G, D]``;
@@ -36,14 +38,16 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
     ``interpret`` None runs interpret mode on CPU only (``pltpu.InterpretParams()`` interprets with TPU
     semantics). ``backward``: ``"kernels"`` (Pallas) or ``"xla"`` (the reference; ``backward_group_size``
     query blocks per scan); ``superblock``: key blocks per super-block of the Pallas backward's
-    recomputation (None: ``kernel_bwd.default_superblock``); ``preprocess``: ``"xla"`` or ``"kernel"``, where
+    recomputation (None: ``kernel_bwd.default_superblock``); ``forward_superblock``: key blocks per super-block
+    of the forward kernel (None: ``blocks.DEFAULT_FORWARD_SUPERBLOCK``); ``preprocess``: ``"xla"`` or ``"kernel"``, where
     the forward's per-block terms are computed; ``terms_backward``: ``"kernel"`` or ``"xla"``, how the Pallas
     backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
     ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU). Returns ``[B, T, H, D]`` in
     q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
     """
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    blocks = path_blocks(q.shape[-1], dtype, block_size, backward, superblock, preprocess, terms_backward)
+    blocks = path_blocks(q.shape[-1], dtype, block_size, backward, superblock, preprocess, terms_backward,
+                         forward_superblock)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _path_attention(scale, blocks, backward_group_size, interpret, q, k, v, w, beta, log_f, segment_ids)
 
@@ -58,12 +62,13 @@ def _forward(scale, blocks: PathBlocks, group_size, interpret, q, k, v, w, beta,
     """Per-block precomputation, then the kernel; residuals are the inputs, the kernel's float32 output
     ``[B, H, T', D]`` and log-sum-exp ``[B, H, N, C]``."""
     batch, length, heads, dim = q.shape
-    kernel_inputs = kernel_layout(q, k, v, w, beta, blocks)
+    kernel_inputs = forward_layout(q, k, v, w, beta, blocks)
     gate = cumulative_gate(log_f, blocks.block)  # [B, H, T'] or None
     segments = None
     if segment_ids is not None:
         segments = segment_blocks(segment_ids, batch, length, blocks.block).reshape(batch, -1)  # [B, T']
-    out, logsumexp = path_forward(*kernel_inputs, gate, segments, block=blocks.block, scale=scale,
+    out, logsumexp = path_forward(*kernel_inputs, gate, segments, block=blocks.block,
+                                  superblock=blocks.forward_superblock, scale=scale,
                                   interpret=interpret, num_warps=blocks.num_warps,
                                   num_stages=blocks.num_stages)  # [B, H, T', D], [B, H, N, C]
     sequence = time_major(out, length, q.dtype)  # [B, T, H, D]

@@ -8,7 +8,10 @@ tiles. ``num_warps`` / ``num_stages``: Triton settings (None: Pallas' defaults);
 pipeline stage on GPU (shared memory at D = 128, speed at D = 64), head dims above 128 are refused there.
 ``backward``: ``"kernels"`` (the Pallas backward of ``kernel_bwd``) or ``"xla"`` (the linear-memory XLA backward of
 ``jaxlm.ops.path_blockwise_vjp``, the reference); ``superblock``: key blocks per super-block of the query-side
-backward's recomputation (None: ``kernel_bwd.default_superblock``). ``preprocess``: where the per-block terms
+backward's recomputation (None: ``kernel_bwd.default_superblock``); ``forward_superblock``: key blocks per
+super-block of the forward kernel, whose query crosses a whole super-block in one move (``kernel_fwd``; on an
+H100 the kernel alone took 17.6 / 20.7 / 35.5 ms with 8 / 4 / 1 blocks at 32 × 4096 × 32 × 64 and 41 / 53 / 137 ms
+at 4 × 16384 × 16 × 128, so 8 is the default). ``preprocess``: where the per-block terms
 (𝒯, carried keys, block products) are computed, ``"kernel"`` (``kernel_prep``, inverse blocks of
 ``prep_sub_block`` tokens, the triangular system's products at ``float32_dots``; on an H100 at 32 × 4096 × 32 × 64
 8.9 ms with 32-token sub-blocks and TF32×3, against 21.8 ms for XLA's and 22–26 ms with full-float32 products)
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 from pallas_kernels.registry import UnsupportedShapeError, backend
 
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128, "cpu": 64}
+DEFAULT_FORWARD_SUPERBLOCK = 8
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 BACKWARDS = ("kernels", "xla")
 PREPROCESSES = ("xla", "kernel")
@@ -39,6 +43,7 @@ class PathBlocks:
     num_stages: int | None = None
     backward: str = "kernels"
     superblock: int | None = None
+    forward_superblock: int = DEFAULT_FORWARD_SUPERBLOCK  # key blocks per super-block of the forward kernel
     preprocess: str = "kernel"
     terms_backward: str = "kernel"
     prep_sub_block: int = 32  # the preprocessing kernel's inverse blocks
@@ -58,10 +63,11 @@ def default_terms_path(dtype) -> str:
 
 def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: str = "kernels",
                 superblock: int | None = None, preprocess: str | None = None,
-                terms_backward: str | None = None) -> PathBlocks:
+                terms_backward: str | None = None, forward_superblock: int | None = None) -> PathBlocks:
     """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
     is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward``,
-    ``preprocess`` or ``terms_backward`` or a ``superblock`` that is not a positive integer. ``preprocess`` /
+    ``preprocess`` or ``terms_backward`` or a ``superblock`` / ``forward_superblock`` that is not a positive integer
+    (``forward_superblock`` None: ``DEFAULT_FORWARD_SUPERBLOCK``). ``preprocess`` /
     ``terms_backward`` None: ``default_terms_path(dtype)``."""
     preprocess = default_terms_path(dtype) if preprocess is None else preprocess
     terms_backward = default_terms_path(dtype) if terms_backward is None else terms_backward
@@ -71,9 +77,10 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
         raise ValueError(f"path pallas kernel: preprocess={preprocess!r} must be one of {PREPROCESSES}")
     if terms_backward not in TERMS_BACKWARDS:
         raise ValueError(f"path pallas kernel: terms_backward={terms_backward!r} must be one of {TERMS_BACKWARDS}")
-    if superblock is not None and not (isinstance(superblock, int) and not isinstance(superblock, bool)
-                                       and superblock > 0):
-        raise ValueError(f"path pallas kernel: superblock={superblock!r} must be a positive integer or None")
+    for name, count in (("superblock", superblock), ("forward_superblock", forward_superblock)):
+        if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count > 0):
+            raise ValueError(f"path pallas kernel: {name}={count!r} must be a positive integer or None")
+    forward_superblock = DEFAULT_FORWARD_SUPERBLOCK if forward_superblock is None else forward_superblock
     if not _is_power_of_two_from_16(head_dim):
         raise UnsupportedShapeError(f"path pallas kernel: head_dim={head_dim} must be a power of two >= 16 "
                                     "(use impl='blockwise', or impl='auto' to fall back automatically)")
@@ -92,4 +99,5 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
     # against 175 ms with the default, key side 62 against 84, forward 33.2 against 33.5.
     num_stages = 1 if backend() == "gpu" else None
     return PathBlocks(block=block, num_stages=num_stages, backward=backward, superblock=superblock,
+                      forward_superblock=forward_superblock,
                       preprocess=preprocess, terms_backward=terms_backward, prep_sub_block=min(32, block))

@@ -12,7 +12,7 @@ so the cotangent ``Ē_j`` of ``A_j`` collects the logits of key block j and ever
 
 That recursion runs left to right while the moved queries ``A_j`` are built right to left, and the products
 cannot be inverted (β = 1 makes them singular), so the program rebuilds them from products precomputed per
-super-block of S key blocks (``superblock_suffixes``): block j of super-block τ (blocks τS … τS + S − 1) has
+super-block of S key blocks (``superblocks.superblock_suffixes``): block j of super-block τ (blocks τS … τS + S − 1) has
 the suffix ``R_j = P_{τS+S−1} … P_{j+1}``, and the super-block the product ``Φ_τ = P_{τS+S−1} … P_{τS}``. With
 ``X = Q̄_n P_{n−1} … P_{σS}`` (σ = ⌊n / S⌋, the super-block of n itself),
 
@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.path.kernel_bwd_common import (block_rows, causal_mask, contract, dot, dot_transposed_rhs,
                                                    gated_logits, logit_cotangent)
 from pallas_kernels.path.kernel_fwd import kernel_precision, optional_specs
+from pallas_kernels.path.superblocks import superblock_suffixes
 from pallas_kernels.ssd.common import launch_options
 
 
@@ -111,28 +112,6 @@ def _query_kernel(*refs, block: int, dim: int, superblock: int, scale: float, pr
     d_queries, d_gate = jax.lax.fori_loop(own_start, query_block, visit_own_superblock, carry)
     d_queries_ref[...] = d_queries
     d_gate_ref[...] = d_gate
-
-
-def superblock_suffixes(products: jax.Array, superblock: int):
-    """Per-block suffixes ``R_j = P_{τS+S−1} … P_{j+1}`` ``[B, G, N'·D, D]`` and super-block products
-    ``Φ_τ = P_{τS+S−1} … P_{τS}`` ``[B, G, (N' / S)·D, D]`` (module docstring), float32, from the block
-    products ``[B, G, N·D, D]``; N' = N rounded up to whole super-blocks (identities past the last block)."""
-    batch, groups, rows, dim = products.shape
-    num_blocks = rows // dim
-    num_superblocks = -(-num_blocks // superblock)
-    padding = jnp.broadcast_to(jnp.eye(dim, dtype=products.dtype),
-                               (batch, groups, num_superblocks * superblock - num_blocks, dim, dim))
-    blocks = jnp.concatenate([products.reshape(batch, groups, num_blocks, dim, dim), padding], axis=2)
-    by_superblock = blocks.reshape(batch, groups, num_superblocks, superblock, dim, dim)
-
-    def prepend(later, product):
-        """``R_j`` is the product of the blocks after j; then ``R_{j−1} = R_j P_j``."""
-        return jnp.matmul(later, product, precision=jax.lax.Precision.HIGHEST), later
-
-    identity = jnp.broadcast_to(jnp.eye(dim, dtype=products.dtype), by_superblock.shape[:3] + (dim, dim))
-    whole, suffixes = jax.lax.scan(prepend, identity, jnp.moveaxis(by_superblock, 3, 0), reverse=True)
-    suffixes = jnp.moveaxis(suffixes, 0, 3)  # [B, G, N'/S, S, D, D]
-    return suffixes.reshape(batch, groups, -1, dim), whole.reshape(batch, groups, -1, dim)
 
 
 def _block_major(spec: pl.BlockSpec) -> pl.BlockSpec:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxlm.ops.path_blockwise import block_products, keys_to_block_end, to_blocks, ut_transform
 from pallas_kernels.path.blocks import PathBlocks
 from pallas_kernels.path.kernel_prep import path_preprocess
+from pallas_kernels.path.superblocks import keys_to_superblock_end
 
 
 def head_major(x: jax.Array, block: int) -> jax.Array:
@@ -51,6 +52,15 @@ def kernel_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
         transform, carried, products = xla_block_terms(k, w, beta, block, kv_dtype)
     return [head_major(q, block), head_major(k, block), head_major(w, block), transform, carried,
             head_major(v.astype(kv_dtype), block), products]
+
+
+def forward_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
+    """The forward kernel's inputs but the gate and segments: ``kernel_layout``'s, then the keys carried to
+    their super-block end ``k̂ [B, G, T', D]`` and the super-block products ``Φ`` float32, over super-blocks of
+    ``blocks.forward_superblock`` key blocks (``superblocks.keys_to_superblock_end``)."""
+    inputs = kernel_layout(q, k, v, w, beta, blocks)
+    carried, products = inputs[4], inputs[6]
+    return inputs + list(keys_to_superblock_end(carried, products, blocks.forward_superblock))
 
 
 def padded_time_major(x: jax.Array, block: int) -> jax.Array:

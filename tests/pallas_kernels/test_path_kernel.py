@@ -1,5 +1,6 @@
-"""PaTH Pallas kernel (interpret mode on CPU) against the naive product form in float64: forward and every
-gradient, with and without the forget gate, segments, GQA, β near 2, T not a multiple of the block, bf16;
+"""PaTH Pallas kernel (interpret mode on CPU) against the naive product form in float64: forward (with
+super-blocks of several sizes) and every gradient, with and without the forget gate, segments, GQA, β near 2,
+T not a multiple of the block, bf16; the keys carried to their super-block end against a loop;
 shape errors; a run under TPU interpret semantics; the benchmark's table on a tiny shape."""
 
 import importlib.util
@@ -14,6 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm.ops.path import naive_path_attention, path_attention
 from pallas_kernels.path import path_attention_pallas
+from pallas_kernels.path.superblocks import keys_to_superblock_end
 from pallas_kernels.registry import UnsupportedShapeError
 
 D = 16
@@ -66,6 +68,44 @@ def test_forward_matches_float64_naive(length, heads, groups, with_gate, segment
         out = path_attention_pallas(*args[:5], args[5] if with_gate else None, segment_ids, block_size=16)
     assert out.shape == inputs[0].shape and out.dtype == jnp.float32
     assert_close(out, float64_reference(inputs, with_gate, segment_ids), 2e-5)
+
+
+@pytest.mark.parametrize("length, with_gate, segment_lengths, forward_superblock", [
+    (117, True, (50, 40, 27), 3),  # 8 blocks: own super-block phase, two whole super-blocks, a partial last one
+    (117, False, None, 1),  # a move per block, all through the super-block path
+    (70, True, None, 2),  # 5 blocks
+])
+def test_forward_superblocks_match_float64_naive(length, with_gate, segment_lengths, forward_superblock):
+    inputs = random_inputs(length + forward_superblock, length=length, heads=4, groups=2)
+    segment_ids = None if segment_lengths is None else segments_of(segment_lengths)
+    args = [jnp.asarray(x, jnp.float32) for x in inputs]
+    with jax.default_matmul_precision("float32"):
+        out = path_attention_pallas(*args[:5], args[5] if with_gate else None, segment_ids, block_size=16,
+                                    forward_superblock=forward_superblock)
+    assert_close(out, float64_reference(inputs, with_gate, segment_ids), 2e-5)
+
+
+def test_keys_carried_to_superblock_end_match_sequential_products():
+    """``K̂_j = K̄_j (P_{last} … P_{j+1})ᵀ`` and ``Φ = P_{last} … P_{first}`` per super-block, against a float64
+    loop over blocks, with 5 blocks in super-blocks of 2 (the last one partial)."""
+    rng = np.random.default_rng(4)
+    batch, groups, num_blocks, block, dim, superblock = 2, 3, 5, 4, 8, 2
+    keys = rng.normal(size=(batch, groups, num_blocks * block, dim))
+    products = rng.normal(size=(batch, groups, num_blocks, dim, dim)) / np.sqrt(dim)
+    carried, whole = keys_to_superblock_end(jnp.asarray(keys, jnp.float32),
+                                            jnp.asarray(products.reshape(batch, groups, -1, dim), jnp.float32),
+                                            superblock)
+    expected_keys = np.zeros_like(keys)
+    expected_whole = np.zeros((batch, groups, 3, dim, dim))
+    for first in range(0, num_blocks, superblock):
+        later = np.broadcast_to(np.eye(dim), (batch, groups, dim, dim))
+        for j in reversed(range(first, min(first + superblock, num_blocks))):
+            rows = slice(j * block, (j + 1) * block)
+            expected_keys[:, :, rows] = np.einsum("bgcd,bged->bgce", keys[:, :, rows], later)
+            later = later @ products[:, :, j]
+        expected_whole[:, :, first // superblock] = later
+    assert_close(carried, expected_keys, 1e-5)
+    assert_close(whole, expected_whole.reshape(batch, groups, -1, dim), 1e-5)
 
 
 def test_beta_zero_is_plain_causal_softmax_attention():
@@ -139,7 +179,7 @@ def test_tpu_interpret_semantics():
     inputs = random_inputs(9, batch=1, length=29, heads=1, groups=1)
     segment_ids = segments_of((20, 9), batch=1)
     out = path_attention_pallas(*(jnp.asarray(x, jnp.float32) for x in inputs), segment_ids, block_size=16,
-                                interpret=pltpu.InterpretParams())
+                                interpret=pltpu.InterpretParams(), forward_superblock=1)
     assert_close(out, float64_reference(inputs, True, segment_ids), 2e-5)
 
 
