@@ -14,7 +14,8 @@ super-block, σ = ⌊n / S⌋ the super-block of n):
   keys carried to their block end ``k̄_j``, then the move ``Q̄ ← Q̄ P_j`` past the block's Householder product
   ``P_j = I − W_jᵀ 𝒯_j W_j``;
 - then the earlier super-blocks ``τ = σ − 1, …, 0``: logits against each of their S key blocks with the keys
-  carried to the super-block end ``k̂_j``, then one move ``Q̄ ← Q̄ Φ_τ`` past the whole super-block.
+  carried to the super-block end ``k̂_j``, then one move ``Q̄ ← Q̄ Φ_τ`` past the whole super-block (none
+  after super-block 0).
 
 Every key block meets the query state with the online softmax
 
@@ -22,7 +23,7 @@ Every key block meets the query state with the online softmax
     m ← max(m, max_j ℓ_ij),  l ← l·e^{m_old − m} + Σ_j e^{ℓ_ij − m},
     acc ← acc·e^{m_old − m} + e^{ℓ − m} V_j,
 
-so a query block makes ``n mod S + σ`` float32 ``[C, D] x [D, D]`` moves instead of n. On an H100 at
+so a query block makes ``n mod S + max(σ − 1, 0)`` float32 ``[C, D] x [D, D]`` moves instead of n. On an H100 at
 32 × 4096 × 32 × 64 the moves were half the kernel's time with one per block (35.5 ms; 18.4 ms with none), and
 six sevenths at 4 × 16384 × 16 × 128 (137 ms; 21 ms with none). The program writes ``O = acc / l`` and the log-sum-exp ``L = m + log l`` (float32). The query state, gates, 𝒯,
 block products and softmax statistics are float32; the logits and value products run in the inputs'
@@ -32,7 +33,7 @@ float32 for float32 inputs and TF32 for bf16 ones (relative error ~1e-3, below b
 Inputs: ``q [B, H, T', D]``; raw ``k, w [B, G, T', D]`` (head h reads KV head h // (H / G)); carried keys
 ``k̄`` and values ``[B, G, T', D]``; ``transform [B, G, N·C, C]`` float32 (block n's 𝒯 in rows
 ``n·C … n·C + C − 1``); ``products [B, G, N·D, D]`` float32 (likewise by D rows); the keys carried to their
-super-block end ``k̂ [B, G, T', D]`` and the super-block products ``Φ [B, G, ceil(N / S)·D, D]`` float32
+super-block end ``k̂ [B, G, T'', D]`` (T'' ≥ T') and the super-block products ``Φ [B, G, ceil(N / S)·D, D]`` float32
 (``superblocks.keys_to_superblock_end``); optionally ``gate [B, H, T']`` float32 and ``segments [B, T']`` int32 (−1 on the padding). Without segments the padded tail
 needs no mask: padded keys only meet queries of the last block, through its causal mask.
 """
@@ -138,17 +139,24 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, superblock: in
         key_block = query_block - 1 - step
         return move(products_ref, key_block, queries), attend(key_block, keys_ref, queries, softmax)
 
+    def attend_superblock(first, count, queries, softmax):
+        """Key blocks ``first … first + count − 1`` of one super-block with ``k̂_j``, queries at its end."""
+        return jax.lax.fori_loop(first, first + count,
+                                 lambda key_block, s: attend(key_block, superkeys_ref, queries, s), softmax)
+
     def visit_superblock(step, carry):
-        """Super-block ``τ = σ − 1 − step``: attend each of its blocks with ``k̂_j``, then ``Q̄ ← Q̄ Φ_τ``."""
+        """Super-block ``τ = σ − 1 − step`` (τ ≥ 1): attend its blocks, then ``Q̄ ← Q̄ Φ_τ``."""
         queries, softmax = carry
         index = own_superblock - 1 - step
-        softmax = jax.lax.fori_loop(index * superblock, (index + 1) * superblock,
-                                    lambda key_block, s: attend(key_block, superkeys_ref, queries, s), softmax)
-        return move(superproducts_ref, index, queries), softmax
+        return move(superproducts_ref, index, queries), attend_superblock(index * superblock, superblock, queries,
+                                                                          softmax)
 
     own_superblock = query_block // superblock
     carry = jax.lax.fori_loop(0, query_block - own_superblock * superblock, visit_own_superblock, (queries, softmax))
-    _, (running_max, running_sum, accumulator) = jax.lax.fori_loop(0, own_superblock, visit_superblock, carry)
+    queries, softmax = jax.lax.fori_loop(0, jnp.maximum(own_superblock - 1, 0), visit_superblock, carry)
+    # Super-block 0 (when n is past it) without the move after it, which no key block would read.
+    first_blocks = jnp.where(own_superblock > 0, superblock, 0)
+    running_max, running_sum, accumulator = attend_superblock(0, first_blocks, queries, softmax)
     out_ref[...] = accumulator / running_sum[:, None]
     logsumexp_ref[...] = running_max + jnp.log(running_sum)
 
@@ -189,7 +197,7 @@ def path_forward(q, raw_keys, directions, transform, keys, values, products, sup
         pl.BlockSpec((None, None, length, dim), whole_kv_head),
         pl.BlockSpec((None, None, length, dim), whole_kv_head),
         pl.BlockSpec((None, None, num_blocks * dim, dim), whole_kv_head),
-        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None) + superkeys.shape[2:], whole_kv_head),
         pl.BlockSpec((None, None) + superproducts.shape[2:], whole_kv_head),
     ]
     extra_specs, optional = optional_specs(gate, segments, length, lambda b, h, i: (b, h, 0))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxlm.ops.path_blockwise import block_products, keys_to_block_end, to_blocks, ut_transform
 from pallas_kernels.path.blocks import PathBlocks
 from pallas_kernels.path.kernel_prep import path_preprocess
-from pallas_kernels.path.superblocks import keys_to_superblock_end
+from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel
 
 
 def head_major(x: jax.Array, block: int) -> jax.Array:
@@ -56,11 +56,17 @@ def kernel_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
 
 def forward_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
     """The forward kernel's inputs but the gate and segments: ``kernel_layout``'s, then the keys carried to
-    their super-block end ``k̂ [B, G, T', D]`` and the super-block products ``Φ`` float32, over super-blocks of
-    ``blocks.forward_superblock`` key blocks (``superblocks.keys_to_superblock_end``)."""
+    their super-block end ``k̂ [B, G, T'', D]`` and the super-block products ``Φ`` float32, over super-blocks of
+    ``blocks.forward_superblock`` key blocks, on the kernel (``blocks.preprocess == "kernel"``) or in XLA
+    (``superblocks`` module docstring)."""
     inputs = kernel_layout(q, k, v, w, beta, blocks)
     carried, products = inputs[4], inputs[6]
-    return inputs + list(keys_to_superblock_end(carried, products, blocks.forward_superblock))
+    if blocks.preprocess == "kernel":
+        superblock_terms = superblock_keys_kernel(carried, products, blocks.forward_superblock,
+                                                  num_warps=blocks.num_warps)
+    else:
+        superblock_terms = keys_to_superblock_end(carried, products, blocks.forward_superblock)
+    return inputs + list(superblock_terms)
 
 
 def padded_time_major(x: jax.Array, block: int) -> jax.Array:

@@ -10,12 +10,23 @@ product ``Φ_τ = P_{τS+S−1} … P_{τS}``. A query row vector at the end of 
     K̂_j = K̄_j R_jᵀ        (rows: k̂ = R_j k̄)
 
 its logit is one dot product, ``x · k̂``, and the query crosses the whole super-block in one move ``x ← x Φ_τ``.
+
+``keys_to_superblock_end`` computes K̂ and Φ in XLA (full float32 products; the reference),
+``superblock_keys_kernel`` in a Pallas kernel, one program per (batch, KV head, super-block) walking its
+blocks right to left with ``R`` in float32 (products at ``kernel_fwd.kernel_precision``: TF32 for bf16 keys).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.path.kernel_bwd_common import contract, dot, identity
+from pallas_kernels.path.kernel_fwd import kernel_precision
+from pallas_kernels.ssd.common import launch_options
 
 
 def superblock_suffixes(products: jax.Array, superblock: int) -> tuple[jax.Array, jax.Array]:
@@ -52,3 +63,48 @@ def keys_to_superblock_end(keys: jax.Array, products: jax.Array, superblock: int
     by_block = keys.reshape(batch, groups, num_blocks, block, dim).astype(jnp.float32)
     carried = jnp.einsum("bgncd,bgned->bgnce", by_block, suffixes, precision=jax.lax.Precision.HIGHEST)
     return carried.reshape(keys.shape).astype(keys.dtype), whole
+
+
+def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *, block: int, dim: int,
+                            num_blocks: int, superblock: int, precision):
+    """Super-block τ: ``K̂_j = K̄_j R_jᵀ`` for its blocks right to left with ``R ← R P_j``, then ``Φ_τ = R``;
+    rows past the last block (a partial last super-block) are zeros."""
+    first = pl.program_id(2) * superblock
+    count = jnp.minimum(superblock, num_blocks - first)  # blocks in this super-block
+
+    @pl.when(count < superblock)
+    def _():
+        carried_ref[...] = jnp.zeros(carried_ref.shape, carried_ref.dtype)
+
+    def visit(step, later):
+        """Block ``first + count − 1 − step`` with ``later = R_j``  [D, D]."""
+        local = count - 1 - step
+        keys = keys_ref[pl.ds((first + local) * block, block), :].astype(jnp.float32)  # K̄_j  [C, D]
+        carried_ref[pl.ds(local * block, block), :] = contract(keys, later, 1, 1, precision).astype(carried_ref.dtype)
+        return dot(later, products_ref[pl.ds((first + local) * dim, dim), :], precision)  # R_{j−1} = R_j P_j
+
+    whole_ref[...] = jax.lax.fori_loop(0, count, visit, identity(dim))
+
+
+def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, interpret=None,
+                           num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``keys_to_superblock_end`` on a Pallas kernel: ``(K̂ [B, G, N'·C, D]`` in the keys' dtype (N' = N rounded
+    up to whole super-blocks, zeros past the last block), ``Φ [B, G, ceil(N / S)·D, D]`` float32)."""
+    batch, groups, length, dim = keys.shape
+    num_blocks = products.shape[2] // dim
+    block = length // num_blocks
+    num_superblocks = -(-num_blocks // superblock)
+    kernel = functools.partial(_superblock_keys_kernel, block=block, dim=dim, num_blocks=num_blocks,
+                               superblock=superblock, precision=kernel_precision(keys.dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, groups, num_superblocks),
+        in_specs=[pl.BlockSpec((None, None, length, dim), lambda b, g, s: (b, g, 0, 0)),
+                  pl.BlockSpec((None, None, num_blocks * dim, dim), lambda b, g, s: (b, g, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, superblock * block, dim), lambda b, g, s: (b, g, s, 0)),
+                   pl.BlockSpec((None, None, dim, dim), lambda b, g, s: (b, g, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), keys.dtype),
+                   jax.ShapeDtypeStruct((batch, groups, num_superblocks * dim, dim), jnp.float32)],
+        **launch_options(interpret, num_warps),
+        name="path_superblock_keys",
+    )(keys, products)

@@ -15,7 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm.ops.path import naive_path_attention, path_attention
 from pallas_kernels.path import path_attention_pallas
-from pallas_kernels.path.superblocks import keys_to_superblock_end
+from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel
 from pallas_kernels.registry import UnsupportedShapeError
 
 D = 16
@@ -86,10 +86,10 @@ def test_forward_superblocks_match_float64_naive(length, with_gate, segment_leng
 
 
 def test_keys_carried_to_superblock_end_match_sequential_products():
-    """``K̂_j = K̄_j (P_{last} … P_{j+1})ᵀ`` and ``Φ = P_{last} … P_{first}`` per super-block, against a float64
-    loop over blocks, with 5 blocks in super-blocks of 2 (the last one partial)."""
+    """``K̂_j = K̄_j (P_{last} … P_{j+1})ᵀ`` and ``Φ = P_{last} … P_{first}`` per super-block, XLA and kernel,
+    against a float64 loop over blocks, with 5 blocks in super-blocks of 2 (the last one partial)."""
     rng = np.random.default_rng(4)
-    batch, groups, num_blocks, block, dim, superblock = 2, 3, 5, 4, 8, 2
+    batch, groups, num_blocks, block, dim, superblock = 2, 3, 5, 16, 16, 2
     keys = rng.normal(size=(batch, groups, num_blocks * block, dim))
     products = rng.normal(size=(batch, groups, num_blocks, dim, dim)) / np.sqrt(dim)
     carried, whole = keys_to_superblock_end(jnp.asarray(keys, jnp.float32),
@@ -106,6 +106,14 @@ def test_keys_carried_to_superblock_end_match_sequential_products():
         expected_whole[:, :, first // superblock] = later
     assert_close(carried, expected_keys, 1e-5)
     assert_close(whole, expected_whole.reshape(batch, groups, -1, dim), 1e-5)
+    with jax.default_matmul_precision("float32"):
+        kernel_keys, kernel_whole = superblock_keys_kernel(jnp.asarray(keys, jnp.float32),
+                                                           jnp.asarray(products.reshape(batch, groups, -1, dim),
+                                                                       jnp.float32), superblock)
+    assert kernel_keys.shape == (batch, groups, 6 * block, dim)  # whole super-blocks, zeros past the last block
+    assert_close(kernel_keys[:, :, :num_blocks * block], expected_keys, 1e-5)
+    assert not np.any(np.asarray(kernel_keys[:, :, num_blocks * block:]))
+    assert_close(kernel_whole, expected_whole.reshape(batch, groups, -1, dim), 1e-5)
 
 
 def test_beta_zero_is_plain_causal_softmax_attention():
