@@ -155,7 +155,7 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, superblock: in
     carry = jax.lax.fori_loop(0, query_block - own_superblock * superblock, visit_own_superblock, (queries, softmax))
     queries, softmax = jax.lax.fori_loop(0, jnp.maximum(own_superblock - 1, 0), visit_superblock, carry)
     # Super-block 0 (when n is past it) without the move after it, which no key block would read.
-    first_blocks = jnp.where(own_superblock > 0, superblock, 0)
+    first_blocks = jnp.minimum(own_superblock, 1) * superblock  # S if σ > 0, else 0
     running_max, running_sum, accumulator = attend_superblock(0, first_blocks, queries, softmax)
     out_ref[...] = accumulator / running_sum[:, None]
     logsumexp_ref[...] = running_max + jnp.log(running_sum)

@@ -72,9 +72,10 @@ def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *, b
     first = pl.program_id(2) * superblock
     count = jnp.minimum(superblock, num_blocks - first)  # blocks in this super-block
 
-    @pl.when(count < superblock)
-    def _():
-        carried_ref[...] = jnp.zeros(carried_ref.shape, carried_ref.dtype)
+    def clear(local, later):
+        """Zeros for a block past the last one (``later``, the identity, passes through)."""
+        carried_ref[pl.ds(local * block, block), :] = jnp.zeros((block, dim), carried_ref.dtype)
+        return later
 
     def visit(step, later):
         """Block ``first + count − 1 − step`` with ``later = R_j``  [D, D]."""
@@ -83,7 +84,8 @@ def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *, b
         carried_ref[pl.ds(local * block, block), :] = contract(keys, later, 1, 1, precision).astype(carried_ref.dtype)
         return dot(later, products_ref[pl.ds((first + local) * dim, dim), :], precision)  # R_{j−1} = R_j P_j
 
-    whole_ref[...] = jax.lax.fori_loop(0, count, visit, identity(dim))
+    start = jax.lax.fori_loop(count, superblock, clear, identity(dim))  # R = I
+    whole_ref[...] = jax.lax.fori_loop(0, count, visit, start)
 
 
 def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, interpret=None,
