@@ -10,6 +10,10 @@ cumulative gates ``G``). With the saved log-sum-exp ``L`` and ``Δ_i = dO_i · O
 - ``dK̄_m = scale · Σ_{n>m} dℓ_nmᵀ Q̄_n P_{n−1} … P_{m+1}`` (``kernel_bwd_key``: per key block, left to right);
 - ``dQ̄_n`` and ``dP_j`` from the chain of moved queries (``kernel_bwd_query``: per query block).
 
+Both kernels meet the key blocks of earlier super-blocks (S consecutive blocks) through the keys carried to
+their super-block end ``K̂`` and the super-block products ``Φ`` (``superblocks``): the per-block products then
+run once per super-block instead of once per block pair, and ``dK̂``, ``dΦ`` are pulled back to ``dK̄``, ``dP``.
+
 They are pulled back to q, k, v, w, β and the forget gate through the per-block precomputation (UT
 transform, carried keys, intra-block terms, gate cumulative sum) by ``jax.vjp`` of
 ``jaxlm.ops.path_blockwise.blockwise_terms``: O(T·C·D + T·D²) XLA work.
@@ -30,6 +34,7 @@ from pallas_kernels.path.kernel_bwd_query import path_backward_queries
 from pallas_kernels.path.kernel_prep import path_query_terms
 from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
 from pallas_kernels.path.layout import cumulative_gate, head_major, head_major_tokens, kernel_layout, time_major
+from pallas_kernels.path.superblocks import keys_to_superblock_end
 
 
 def default_superblock(num_blocks: int) -> int:
@@ -37,6 +42,11 @@ def default_superblock(num_blocks: int) -> int:
     balances the moves across super-blocks (≈ (n / S)² / 2 products) against those inside the query block's
     own super-block (≈ S² / 4)."""
     return max(1, math.isqrt(num_blocks - 1) + 1) if num_blocks > 1 else 1
+
+
+def group_sum(x: jax.Array, groups: int) -> jax.Array:
+    """``[B, H, ...]`` -> ``[B, G, ...]``: the query heads of each KV head summed."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:]).sum(axis=2)
 
 
 def _grouped_to_head_major(x: jax.Array) -> jax.Array:
@@ -61,7 +71,8 @@ def _kernel_terms(terms: BlockwiseTerms, kv_dtype):
 
 
 def _blockwise_cotangents(d_queries, d_intra, d_gate, d_products, d_keys, d_values, shape) -> BlockwiseTerms:
-    """Kernel-layout cotangents -> ``BlockwiseTerms`` layout (query heads of a KV head summed for K̄, V)."""
+    """Kernel-layout cotangents -> ``BlockwiseTerms`` layout (``d_keys`` per KV head; the query heads of a KV
+    head summed for V)."""
     batch, num_blocks, block, groups, heads_per_group, dim = shape
 
     def to_grouped(x):  # [B, H, T', D] -> [B, N, C, G, R, D]
@@ -71,7 +82,8 @@ def _blockwise_cotangents(d_queries, d_intra, d_gate, d_products, d_keys, d_valu
     intra = d_intra.reshape(batch, groups, heads_per_group, num_blocks, block, block).transpose(0, 3, 1, 2, 4, 5)
     gate = d_gate.reshape(batch, groups, heads_per_group, num_blocks, block).transpose(0, 3, 1, 2, 4)
     products = d_products.reshape(batch, groups, num_blocks, dim, dim).transpose(0, 2, 1, 3, 4)
-    keys, values = (to_grouped(x).sum(axis=4) for x in (d_keys, d_values))  # [B, N, C, G, D]
+    values = to_grouped(d_values).sum(axis=4)  # [B, N, C, G, D]
+    keys = d_keys.reshape(batch, groups, num_blocks, block, dim).transpose(0, 2, 3, 1, 4)  # [B, N, C, G, D]
     return BlockwiseTerms(to_grouped(d_queries), intra, keys, values, products, gate)
 
 
@@ -101,10 +113,13 @@ def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out,
 def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock, queries, intra, keys,
                      values, products, gate):
     """The query-side and key-side kernels: cotangents of the block terms ``(dQ̄ [B, H, T', D], dS [B, H, N·C,
-    C], dG [B, H, T'], dP [B, G, N·D, D], dK̄, dV [B, H, T', D])``, float32, from the terms in the kernels'
-    layout (``gate`` None: no forget gate)."""
+    C], dG [B, H, T'], dP [B, G, N·D, D], dK̄ [B, G, T', D], dV [B, H, T', D])``, float32, from the terms in the
+    kernels' layout (``gate`` None: no forget gate). The kernels meet earlier super-blocks through the keys
+    carried to their super-block end (``superblocks``); the cotangents of those and of the super-block products
+    are pulled back to ``dK̄`` and ``dP`` by ``jax.vjp`` of ``keys_to_superblock_end`` (float32)."""
     q, k, v, _, _, _, segment_ids, out, logsumexp = residuals
     batch, length, heads, dim = q.shape
+    groups = k.shape[2]
     block = blocks.block
     kv_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     d_out_heads = head_major(d_out, block)  # [B, H, T', D]
@@ -112,16 +127,22 @@ def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, sup
     segments = None
     if segment_ids is not None:
         segments = segment_blocks(segment_ids, batch, length, block).reshape(batch, -1)  # [B, T']
-    operands = (queries, intra, keys, values, products, d_out_heads.astype(kv_dtype),
-                logsumexp.reshape(batch, heads, -1), delta, gate, segments)
-    settings = dict(block=block, scale=scale, interpret=interpret, num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages)
     num_blocks = products.shape[2] // dim
     superblock = default_superblock(num_blocks) if superblock is None else superblock
-    d_queries, d_intra, d_query_gate, d_products = path_backward_queries(*operands, superblock=superblock,
-                                                                         **settings)
-    d_keys, d_values, d_key_gate = path_backward_keys(*operands, **settings)
-    return d_queries, d_intra, d_query_gate + d_key_gate, d_products, d_keys, d_values
+    (superkeys, superproducts), pullback = jax.vjp(lambda x, p: keys_to_superblock_end(x, p, superblock),
+                                                   keys.astype(jnp.float32), products)
+    superkeys = superkeys.astype(kv_dtype)  # K̂  [B, G, T', D]
+    settings = dict(block=block, scale=scale, superblock=superblock, interpret=interpret,
+                    num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    shared = (d_out_heads.astype(kv_dtype), logsumexp.reshape(batch, heads, -1), delta, gate, segments)
+    d_queries, d_intra, d_query_gate, d_products, d_superproducts, superblock_queries = path_backward_queries(
+        queries, intra, keys, superkeys, values, products, superproducts, *shared, **settings)
+    d_keys, d_superkeys, d_values, d_key_gate = path_backward_keys(
+        queries, superblock_queries, intra, keys, superkeys, values, products, superproducts, *shared, **settings)
+
+    d_keys_through, d_products_through = pullback((group_sum(d_superkeys, groups), d_superproducts))
+    return (d_queries, d_intra, d_query_gate + d_key_gate, d_products + d_products_through,
+            group_sum(d_keys, groups) + d_keys_through, d_values)
 
 
 def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock):
@@ -141,17 +162,14 @@ def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals
         scale, blocks, interpret, residuals, d_out, superblock, queries, intra, keys, values, products,
         cumulative_gate(log_f, block))
 
-    def group_sum(x):  # [B, H, T', D] -> [B, G, T', D]: the query heads of each KV head summed
-        return x.reshape(batch, groups, heads // groups, *x.shape[2:]).sum(axis=2)
-
     beta_heads = head_major_tokens(beta, block)  # [B, G, T']
     dq, dk, dw, d_beta = path_terms_backward(q_heads, k_heads, w_heads, beta_heads, transform, d_queries, d_intra,
-                                             group_sum(d_keys), d_products, block=block,
+                                             d_keys, d_products, block=block,
                                              float32_dots=blocks.float32_dots, **launch)
 
     d_log_f = None
     if log_f is not None:
         d_log_f = jax.lax.cumsum(time_major(d_gate, length, jnp.float32), axis=1, reverse=True).astype(log_f.dtype)
     return (time_major(dq, length, q.dtype), time_major(dk, length, k.dtype),
-            time_major(group_sum(d_values), length, v.dtype), time_major(dw, length, w.dtype),
+            time_major(group_sum(d_values, groups), length, v.dtype), time_major(dw, length, w.dtype),
             time_major(d_beta, length, beta.dtype), d_log_f, None)

@@ -1,6 +1,6 @@
 """Products of the PaTH block products over super-blocks of S consecutive key blocks, shared by the forward
-kernel (keys carried to their super-block's end) and the query-side backward (moved queries rebuilt from
-super-block products).
+kernel and both backward kernels: queries meet the key blocks of an earlier super-block through the keys
+carried to that super-block's end, and cross it in one move.
 
 Super-block τ holds blocks ``τS … τS + S − 1``. Its block j has the suffix ``R_j = P_{τS+S−1} … P_{j+1}``
 (the products of the later blocks of its super-block, ``R_j = I`` for the last block), and the super-block the
