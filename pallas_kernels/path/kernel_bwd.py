@@ -34,7 +34,7 @@ from pallas_kernels.path.kernel_bwd_query import path_backward_queries
 from pallas_kernels.path.kernel_prep import path_query_terms
 from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
 from pallas_kernels.path.layout import cumulative_gate, head_major, head_major_tokens, kernel_layout, time_major
-from pallas_kernels.path.superblocks import keys_to_superblock_end
+from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel, superblock_keys_pullback
 
 
 def default_superblock(num_blocks: int) -> int:
@@ -129,9 +129,7 @@ def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, sup
         segments = segment_blocks(segment_ids, batch, length, block).reshape(batch, -1)  # [B, T']
     num_blocks = products.shape[2] // dim
     superblock = default_superblock(num_blocks) if superblock is None else superblock
-    (superkeys, superproducts), pullback = jax.vjp(lambda x, p: keys_to_superblock_end(x, p, superblock),
-                                                   keys.astype(jnp.float32), products)
-    superkeys = superkeys.astype(kv_dtype)  # K̂  [B, G, T', D]
+    superkeys, superproducts, pullback = _superblock_terms(keys, products, superblock, blocks, interpret)
     settings = dict(block=block, scale=scale, superblock=superblock, interpret=interpret,
                     num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     shared = (d_out_heads.astype(kv_dtype), logsumexp.reshape(batch, heads, -1), delta, gate, segments)
@@ -140,9 +138,27 @@ def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, sup
     d_keys, d_superkeys, d_values, d_key_gate = path_backward_keys(
         queries, superblock_queries, intra, keys, superkeys, values, products, superproducts, *shared, **settings)
 
-    d_keys_through, d_products_through = pullback((group_sum(d_superkeys, groups), d_superproducts))
+    d_keys_through, d_products_through = pullback(group_sum(d_superkeys, groups), d_superproducts)
     return (d_queries, d_intra, d_query_gate + d_key_gate, d_products + d_products_through,
             group_sum(d_keys, groups) + d_keys_through, d_values)
+
+
+def _superblock_terms(keys, products, superblock: int, blocks: PathBlocks, interpret):
+    """``(K̂, Φ, pullback)``: the keys carried to their super-block end in the keys' dtype, the super-block
+    products and ``pullback(dK̂, dΦ) -> (dK̄, dP)``, float32, on the kernels of ``superblocks`` (with
+    ``blocks.terms_backward == "kernel"``) or by ``jax.vjp`` of the XLA form."""
+    if blocks.terms_backward == "kernel":
+        superkeys, superproducts, suffixes = superblock_keys_kernel(keys, products, superblock, with_suffixes=True,
+                                                                    interpret=interpret, num_warps=blocks.num_warps)
+
+        def pullback(d_superkeys, d_superproducts):
+            return superblock_keys_pullback(keys, products, suffixes, d_superkeys, d_superproducts, superblock,
+                                            interpret=interpret, num_warps=blocks.num_warps)
+
+        return superkeys, superproducts, pullback
+    (superkeys, superproducts), vjp = jax.vjp(lambda x, p: keys_to_superblock_end(x, p, superblock),
+                                              keys.astype(jnp.float32), products)
+    return superkeys.astype(keys.dtype), superproducts, lambda *cotangents: vjp(cotangents)
 
 
 def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock):

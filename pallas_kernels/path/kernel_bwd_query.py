@@ -133,8 +133,8 @@ def path_backward_queries(queries, intra, keys, superkeys, values, products, sup
     """Query-side cotangents (module docstring).
 
     Inputs (``T' = N·C``): ``queries`` Q̄ ``[B, H, T', D]`` float32; ``intra`` S ``[B, H, N·C, C]`` float32;
-    ``keys`` K̄, ``superkeys`` K̂ (carried to their super-block end, ``superblocks.keys_to_superblock_end``)
-    and ``values`` ``[B, G, T', D]``; ``products`` ``[B, G, N·D, D]`` and ``superproducts`` Φ
+    ``keys`` K̄ and ``values`` ``[B, G, T', D]``; ``superkeys`` K̂ ``[B, G, T'', D]`` (T'' ≥ T', carried to
+    their super-block end, ``superblocks``); ``products`` ``[B, G, N·D, D]`` and ``superproducts`` Φ
     ``[B, G, ceil(N / S)·D, D]`` float32; ``d_out [B, H, T', D]`` in the values' dtype; ``logsumexp, delta
     [B, H, T']`` float32; optional ``gate [B, H, T']`` float32 and ``segments [B, T']`` int32.
     Returns ``dQ̄ [B, H, T', D]``, ``dS [B, H, N·C, C]``, ``dG [B, H, T']`` (the query side's gate cotangent),
@@ -164,7 +164,7 @@ def path_backward_queries(queries, intra, keys, superkeys, values, products, sup
         pl.BlockSpec((None, None, block, dim), query_rows),
         pl.BlockSpec((None, None, block, block), query_rows),
         pl.BlockSpec((None, None, length, dim), whole_kv_head),
-        pl.BlockSpec((None, None, length, dim), whole_kv_head),
+        pl.BlockSpec((None, None) + superkeys.shape[2:], whole_kv_head),
         pl.BlockSpec((None, None, length, dim), whole_kv_head),
         products_spec,
         superproducts_spec,

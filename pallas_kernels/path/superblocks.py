@@ -11,9 +11,11 @@ product ``Φ_τ = P_{τS+S−1} … P_{τS}``. A query row vector at the end of 
 
 its logit is one dot product, ``x · k̂``, and the query crosses the whole super-block in one move ``x ← x Φ_τ``.
 
-``keys_to_superblock_end`` computes K̂ and Φ in XLA (full float32 products; the reference),
-``superblock_keys_kernel`` in a Pallas kernel, one program per (batch, KV head, super-block) walking its
-blocks right to left with ``R`` in float32 (products at ``kernel_fwd.kernel_precision``: TF32 for bf16 keys).
+``keys_to_superblock_end`` computes K̂ and Φ in XLA (full float32 products; the reference, differentiated by
+``jax.vjp``), ``superblock_keys_kernel`` in a Pallas kernel, one program per (batch, KV head, super-block)
+walking its blocks right to left with ``R`` in float32 (products at ``kernel_fwd.kernel_precision``: TF32 for
+bf16 keys), and ``superblock_keys_pullback`` its pullback, walking the blocks left to right with the stored
+suffixes.
 """
 
 from __future__ import annotations
@@ -65,16 +67,18 @@ def keys_to_superblock_end(keys: jax.Array, products: jax.Array, superblock: int
     return carried.reshape(keys.shape).astype(keys.dtype), whole
 
 
-def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *, block: int, dim: int,
+def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *suffixes_ref, block: int, dim: int,
                             num_blocks: int, superblock: int, precision):
     """Super-block τ: ``K̂_j = K̄_j R_jᵀ`` for its blocks right to left with ``R ← R P_j``, then ``Φ_τ = R``;
-    rows past the last block (a partial last super-block) are zeros."""
+    with a ``suffixes_ref``, also every ``R_j``. Rows past the last block (a partial last super-block) are zeros."""
     first = pl.program_id(2) * superblock
     count = jnp.minimum(superblock, num_blocks - first)  # blocks in this super-block
 
     def clear(local, later):
         """Zeros for a block past the last one (``later``, the identity, passes through)."""
         carried_ref[pl.ds(local * block, block), :] = jnp.zeros((block, dim), carried_ref.dtype)
+        for ref in suffixes_ref:
+            ref[pl.ds(local * dim, dim), :] = jnp.zeros((dim, dim), jnp.float32)
         return later
 
     def visit(step, later):
@@ -82,31 +86,106 @@ def _superblock_keys_kernel(keys_ref, products_ref, carried_ref, whole_ref, *, b
         local = count - 1 - step
         keys = keys_ref[pl.ds((first + local) * block, block), :].astype(jnp.float32)  # K̄_j  [C, D]
         carried_ref[pl.ds(local * block, block), :] = contract(keys, later, 1, 1, precision).astype(carried_ref.dtype)
+        for ref in suffixes_ref:
+            ref[pl.ds(local * dim, dim), :] = later
         return dot(later, products_ref[pl.ds((first + local) * dim, dim), :], precision)  # R_{j−1} = R_j P_j
 
     start = jax.lax.fori_loop(count, superblock, clear, identity(dim))  # R = I
     whole_ref[...] = jax.lax.fori_loop(0, count, visit, start)
 
 
-def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, interpret=None,
-                           num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+def _whole_head(b, g, s):
+    return b, g, 0, 0
+
+
+def _superblock_rows(b, g, s):
+    return b, g, s, 0
+
+
+def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, with_suffixes: bool = False,
+                           interpret=None, num_warps: int | None = None) -> tuple[jax.Array, ...]:
     """``keys_to_superblock_end`` on a Pallas kernel: ``(K̂ [B, G, N'·C, D]`` in the keys' dtype (N' = N rounded
-    up to whole super-blocks, zeros past the last block), ``Φ [B, G, ceil(N / S)·D, D]`` float32)."""
+    up to whole super-blocks, zeros past the last block), ``Φ [B, G, ceil(N / S)·D, D]`` float32)``, and with
+    ``with_suffixes`` the suffixes ``R_j [B, G, N'·D, D]`` float32 (zeros past the last block) for
+    ``superblock_keys_pullback``."""
     batch, groups, length, dim = keys.shape
     num_blocks = products.shape[2] // dim
     block = length // num_blocks
     num_superblocks = -(-num_blocks // superblock)
     kernel = functools.partial(_superblock_keys_kernel, block=block, dim=dim, num_blocks=num_blocks,
                                superblock=superblock, precision=kernel_precision(keys.dtype))
-    return pl.pallas_call(
+    out_specs = [pl.BlockSpec((None, None, superblock * block, dim), _superblock_rows),
+                 pl.BlockSpec((None, None, dim, dim), _superblock_rows)]
+    out_shape = [jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), keys.dtype),
+                 jax.ShapeDtypeStruct((batch, groups, num_superblocks * dim, dim), jnp.float32)]
+    if with_suffixes:
+        out_specs.append(pl.BlockSpec((None, None, superblock * dim, dim), _superblock_rows))
+        out_shape.append(jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * dim, dim), jnp.float32))
+    return tuple(pl.pallas_call(
         kernel,
         grid=(batch, groups, num_superblocks),
-        in_specs=[pl.BlockSpec((None, None, length, dim), lambda b, g, s: (b, g, 0, 0)),
-                  pl.BlockSpec((None, None, num_blocks * dim, dim), lambda b, g, s: (b, g, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, superblock * block, dim), lambda b, g, s: (b, g, s, 0)),
-                   pl.BlockSpec((None, None, dim, dim), lambda b, g, s: (b, g, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), keys.dtype),
-                   jax.ShapeDtypeStruct((batch, groups, num_superblocks * dim, dim), jnp.float32)],
+        in_specs=[pl.BlockSpec((None, None, length, dim), _whole_head),
+                  pl.BlockSpec((None, None, num_blocks * dim, dim), _whole_head)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         **launch_options(interpret, num_warps),
         name="path_superblock_keys",
-    )(keys, products)
+    )(keys, products))
+
+
+def _superblock_pullback_kernel(keys_ref, products_ref, suffixes_ref, d_carried_ref, d_whole_ref, d_keys_ref,
+                                d_products_ref, *, block: int, dim: int, num_blocks: int, superblock: int, precision):
+    """Super-block τ, blocks left to right with ``G`` the cotangent of ``R_{j−1}`` (``G = dΦ_τ`` first):
+
+        dP_j = R_jᵀ G,   dK̄_j = dK̂_j R_j,   G ← G P_jᵀ + dK̂_jᵀ K̄_j
+
+    (the reverse of ``R_{j−1} = R_j P_j`` and ``K̂_j = K̄_j R_jᵀ``); rows past the last block are zeros."""
+    first = pl.program_id(2) * superblock
+    count = jnp.minimum(superblock, num_blocks - first)
+
+    def clear(local, cotangent):
+        d_keys_ref[pl.ds(local * block, block), :] = jnp.zeros((block, dim), jnp.float32)
+        d_products_ref[pl.ds(local * dim, dim), :] = jnp.zeros((dim, dim), jnp.float32)
+        return cotangent
+
+    def visit(local, cotangent):
+        """Block ``first + local`` with ``cotangent = G``  [D, D]."""
+        suffix = suffixes_ref[pl.ds(local * dim, dim), :]  # R_j  [D, D]
+        keys = keys_ref[pl.ds((first + local) * block, block), :].astype(jnp.float32)  # K̄_j  [C, D]
+        d_carried = d_carried_ref[pl.ds((first + local) * block, block), :]  # dK̂_j  [C, D]
+        d_products_ref[pl.ds(local * dim, dim), :] = contract(suffix, cotangent, 0, 0, precision)
+        d_keys_ref[pl.ds(local * block, block), :] = dot(d_carried, suffix, precision)
+        product = products_ref[pl.ds((first + local) * dim, dim), :]  # P_j  [D, D]
+        return contract(cotangent, product, 1, 1, precision) + contract(d_carried, keys, 0, 0, precision)
+
+    jax.lax.fori_loop(0, count, visit, jax.lax.fori_loop(count, superblock, clear, d_whole_ref[...]))
+
+
+def superblock_keys_pullback(keys: jax.Array, products: jax.Array, suffixes: jax.Array, d_superkeys: jax.Array,
+                             d_superproducts: jax.Array, superblock: int, *, interpret=None,
+                             num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The pullback of ``keys_to_superblock_end`` on a Pallas kernel: ``(dK̄ [B, G, T', D], dP [B, G, N·D, D])``
+    float32 from ``keys [B, G, T', D]``, ``products [B, G, N·D, D]``, the suffixes of
+    ``superblock_keys_kernel(..., with_suffixes=True)`` and the cotangents ``dK̂ [B, G, T', D]`` and ``dΦ``."""
+    batch, groups, length, dim = keys.shape
+    num_blocks = products.shape[2] // dim
+    block = length // num_blocks
+    num_superblocks = -(-num_blocks // superblock)
+    kernel = functools.partial(_superblock_pullback_kernel, block=block, dim=dim, num_blocks=num_blocks,
+                               superblock=superblock, precision=kernel_precision(keys.dtype))
+    d_keys, d_products = pl.pallas_call(
+        kernel,
+        grid=(batch, groups, num_superblocks),
+        in_specs=[pl.BlockSpec((None, None, length, dim), _whole_head),
+                  pl.BlockSpec((None, None, num_blocks * dim, dim), _whole_head),
+                  pl.BlockSpec((None, None, superblock * dim, dim), _superblock_rows),
+                  pl.BlockSpec((None, None, length, dim), _whole_head),
+                  pl.BlockSpec((None, None, dim, dim), _superblock_rows)],
+        out_specs=[pl.BlockSpec((None, None, superblock * block, dim), _superblock_rows),
+                   pl.BlockSpec((None, None, superblock * dim, dim), _superblock_rows)],
+        out_shape=[jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * dim, dim), jnp.float32)],
+        **launch_options(interpret, num_warps),
+        name="path_superblock_keys_pullback",
+    )(keys, products, suffixes, d_superkeys, d_superproducts)
+    return d_keys[:, :, :length], d_products[:, :, :num_blocks * dim]

@@ -15,7 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm.ops.path import naive_path_attention, path_attention
 from pallas_kernels.path import path_attention_pallas
-from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel
+from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel, superblock_keys_pullback
 from pallas_kernels.registry import UnsupportedShapeError
 
 D = 16
@@ -114,6 +114,27 @@ def test_keys_carried_to_superblock_end_match_sequential_products():
     assert_close(kernel_keys[:, :, :num_blocks * block], expected_keys, 1e-5)
     assert not np.any(np.asarray(kernel_keys[:, :, num_blocks * block:]))
     assert_close(kernel_whole, expected_whole.reshape(batch, groups, -1, dim), 1e-5)
+
+
+def test_superblock_keys_pullback_matches_vjp_of_xla_form():
+    """The pullback kernel (with the suffixes stored by the forward kernel) against ``jax.vjp`` of the XLA
+    ``keys_to_superblock_end``: 5 blocks in super-blocks of 2 (the last one partial) and of 8 (one partial)."""
+    rng = np.random.default_rng(6)
+    batch, groups, num_blocks, block, dim = 1, 2, 5, 16, 16
+    keys = jnp.asarray(rng.normal(size=(batch, groups, num_blocks * block, dim)), jnp.float32)
+    products = jnp.asarray(rng.normal(size=(batch, groups, num_blocks * dim, dim)) / np.sqrt(dim), jnp.float32)
+    d_keys_at_end = jnp.asarray(rng.normal(size=keys.shape), jnp.float32)
+    for superblock in (2, 8):
+        num_superblocks = -(-num_blocks // superblock)
+        d_whole = jnp.asarray(rng.normal(size=(batch, groups, num_superblocks * dim, dim)), jnp.float32)
+        with jax.default_matmul_precision("float32"):
+            _, vjp = jax.vjp(lambda k, p: keys_to_superblock_end(k, p, superblock), keys, products)
+            expected = vjp((d_keys_at_end, d_whole))
+            _, _, suffixes = superblock_keys_kernel(keys, products, superblock, with_suffixes=True)
+            found = superblock_keys_pullback(keys, products, suffixes, d_keys_at_end, d_whole, superblock)
+        for name, actual, wanted in zip(("dK", "dP"), found, expected):
+            assert actual.shape == wanted.shape, name
+            assert_close(actual, wanted, 1e-5)
 
 
 def test_beta_zero_is_plain_causal_softmax_attention():
