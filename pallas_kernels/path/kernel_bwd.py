@@ -148,12 +148,13 @@ def _superblock_terms(keys, products, superblock: int, blocks: PathBlocks, inter
     products and ``pullback(dK̂, dΦ) -> (dK̄, dP)``, float32, on the kernels of ``superblocks`` (with
     ``blocks.terms_backward == "kernel"``) or by ``jax.vjp`` of the XLA form."""
     if blocks.terms_backward == "kernel":
+        launch = dict(interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         superkeys, superproducts, suffixes = superblock_keys_kernel(keys, products, superblock, with_suffixes=True,
-                                                                    interpret=interpret, num_warps=blocks.num_warps)
+                                                                    **launch)
 
         def pullback(d_superkeys, d_superproducts):
             return superblock_keys_pullback(keys, products, suffixes, d_superkeys, d_superproducts, superblock,
-                                            interpret=interpret, num_warps=blocks.num_warps)
+                                            **launch)
 
         return superkeys, superproducts, pullback
     (superkeys, superproducts), vjp = jax.vjp(lambda x, p: keys_to_superblock_end(x, p, superblock),

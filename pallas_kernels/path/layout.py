@@ -63,7 +63,7 @@ def forward_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
     carried, products = inputs[4], inputs[6]
     if blocks.preprocess == "kernel":
         superblock_terms = superblock_keys_kernel(carried, products, blocks.forward_superblock,
-                                                  num_warps=blocks.num_warps)
+                                                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     else:
         superblock_terms = keys_to_superblock_end(carried, products, blocks.forward_superblock)
     return inputs + list(superblock_terms)

@@ -15,7 +15,8 @@ its logit is one dot product, ``x · k̂``, and the query crosses the whole supe
 ``jax.vjp``), ``superblock_keys_kernel`` in a Pallas kernel, one program per (batch, KV head, super-block)
 walking its blocks right to left with ``R`` in float32 (products at ``kernel_fwd.kernel_precision``: TF32 for
 bf16 keys), and ``superblock_keys_pullback`` its pullback, walking the blocks left to right with the stored
-suffixes.
+suffixes. On GPU both take the PaTH kernels' one pipeline stage (``blocks``): at D = 128 the default stages
+asked an H100 for 352 KiB of shared memory (it has 227 KiB).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def _superblock_rows(b, g, s):
 
 
 def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, with_suffixes: bool = False,
-                           interpret=None, num_warps: int | None = None) -> tuple[jax.Array, ...]:
+                           interpret=None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> tuple[jax.Array, ...]:
     """``keys_to_superblock_end`` on a Pallas kernel: ``(K̂ [B, G, N'·C, D]`` in the keys' dtype (N' = N rounded
     up to whole super-blocks, zeros past the last block), ``Φ [B, G, ceil(N / S)·D, D]`` float32)``, and with
     ``with_suffixes`` the suffixes ``R_j [B, G, N'·D, D]`` float32 (zeros past the last block) for
@@ -128,7 +130,7 @@ def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int
                   pl.BlockSpec((None, None, num_blocks * dim, dim), _whole_head)],
         out_specs=out_specs,
         out_shape=out_shape,
-        **launch_options(interpret, num_warps),
+        **launch_options(interpret, num_warps, num_stages),
         name="path_superblock_keys",
     )(keys, products))
 
@@ -163,7 +165,8 @@ def _superblock_pullback_kernel(keys_ref, products_ref, suffixes_ref, d_carried_
 
 def superblock_keys_pullback(keys: jax.Array, products: jax.Array, suffixes: jax.Array, d_superkeys: jax.Array,
                              d_superproducts: jax.Array, superblock: int, *, interpret=None,
-                             num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+                             num_warps: int | None = None, num_stages: int | None = None
+                             ) -> tuple[jax.Array, jax.Array]:
     """The pullback of ``keys_to_superblock_end`` on a Pallas kernel: ``(dK̄ [B, G, T', D], dP [B, G, N·D, D])``
     float32 from ``keys [B, G, T', D]``, ``products [B, G, N·D, D]``, the suffixes of
     ``superblock_keys_kernel(..., with_suffixes=True)`` and the cotangents ``dK̂ [B, G, T', D]`` and ``dΦ``."""
@@ -185,7 +188,7 @@ def superblock_keys_pullback(keys: jax.Array, products: jax.Array, suffixes: jax
                    pl.BlockSpec((None, None, superblock * dim, dim), _superblock_rows)],
         out_shape=[jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * dim, dim), jnp.float32)],
-        **launch_options(interpret, num_warps),
+        **launch_options(interpret, num_warps, num_stages),
         name="path_superblock_keys_pullback",
     )(keys, products, suffixes, d_superkeys, d_superproducts)
     return d_keys[:, :, :length], d_products[:, :, :num_blocks * dim]
