@@ -23,19 +23,21 @@ Every key block meets the query state with the online softmax
     m ← max(m, max_j ℓ_ij),  l ← l·e^{m_old − m} + Σ_j e^{ℓ_ij − m},
     acc ← acc·e^{m_old − m} + e^{ℓ − m} V_j,
 
-so a query block makes ``n mod S + max(σ − 1, 0)`` float32 ``[C, D] x [D, D]`` moves instead of n. On an H100 at
-32 × 4096 × 32 × 64 the moves were half the kernel's time with one per block (35.5 ms; 18.4 ms with none), and
-six sevenths at 4 × 16384 × 16 × 128 (137 ms; 21 ms with none). The program writes ``O = acc / l`` and the log-sum-exp ``L = m + log l`` (float32). The query state, gates, 𝒯,
-block products and softmax statistics are float32; the logits and value products run in the inputs'
-dtype with float32 accumulation. The float32 products (intra-block terms, the move ``Q̄ P_j``) are full
-float32 for float32 inputs and TF32 for bf16 ones (relative error ~1e-3, below bf16's).
+so a query block makes ``n mod S + max(σ − 1, 0)`` float32 ``[C, D] x [D, D]`` moves instead of n. On an H100
+at 32 × 4096 × 32 × 64 the moves were half the kernel's time with one per block (35.5 ms; 18.4 ms with none),
+and six sevenths at 4 × 16384 × 16 × 128 (137 ms; 21 ms with none). The program writes ``O = acc / l`` and the
+log-sum-exp ``L = m + log l`` (float32). The query state, gates, 𝒯, block products and softmax statistics are
+float32; the logits and value products run in the inputs' dtype with float32 accumulation. The float32
+products (intra-block terms, the moves) are full float32 for float32 inputs and TF32 for bf16 ones (relative
+error ~1e-3, below bf16's).
 
 Inputs: ``q [B, H, T', D]``; raw ``k, w [B, G, T', D]`` (head h reads KV head h // (H / G)); carried keys
 ``k̄`` and values ``[B, G, T', D]``; ``transform [B, G, N·C, C]`` float32 (block n's 𝒯 in rows
 ``n·C … n·C + C − 1``); ``products [B, G, N·D, D]`` float32 (likewise by D rows); the keys carried to their
-super-block end ``k̂ [B, G, T'', D]`` (T'' ≥ T') and the super-block products ``Φ [B, G, ceil(N / S)·D, D]`` float32
-(``superblocks.keys_to_superblock_end``); optionally ``gate [B, H, T']`` float32 and ``segments [B, T']`` int32 (−1 on the padding). Without segments the padded tail
-needs no mask: padded keys only meet queries of the last block, through its causal mask.
+super-block end ``k̂ [B, G, T'', D]`` (T'' ≥ T') and the super-block products ``Φ [B, G, ceil(N / S)·D, D]``
+float32 (``superblocks``); optionally ``gate [B, H, T']`` float32 and ``segments [B, T']`` int32 (−1 on the
+padding). Without segments the padded tail needs no mask: padded keys only meet queries of the last block,
+through its causal mask.
 """
 
 from __future__ import annotations

@@ -103,6 +103,18 @@ def _superblock_rows(b, g, s):
     return b, g, s, 0
 
 
+def _superblock_launch(kernel_body, keys: jax.Array, products: jax.Array, superblock: int):
+    """``(kernel, grid, block, num_blocks)``: ``kernel_body`` with its static sizes bound (block C, head dim,
+    block count N, S and the products' precision) and the grid of one program per (batch, KV head, super-block),
+    for keys ``[B, G, N·C, D]`` and block products ``[B, G, N·D, D]``."""
+    batch, groups, length, dim = keys.shape
+    num_blocks = products.shape[2] // dim
+    block = length // num_blocks
+    kernel = functools.partial(kernel_body, block=block, dim=dim, num_blocks=num_blocks, superblock=superblock,
+                               precision=kernel_precision(keys.dtype))
+    return kernel, (batch, groups, -(-num_blocks // superblock)), block, num_blocks
+
+
 def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int, *, with_suffixes: bool = False,
                            interpret=None, num_warps: int | None = None,
                            num_stages: int | None = None) -> tuple[jax.Array, ...]:
@@ -111,11 +123,8 @@ def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int
     ``with_suffixes`` the suffixes ``R_j [B, G, N'·D, D]`` float32 (zeros past the last block) for
     ``superblock_keys_pullback``."""
     batch, groups, length, dim = keys.shape
-    num_blocks = products.shape[2] // dim
-    block = length // num_blocks
-    num_superblocks = -(-num_blocks // superblock)
-    kernel = functools.partial(_superblock_keys_kernel, block=block, dim=dim, num_blocks=num_blocks,
-                               superblock=superblock, precision=kernel_precision(keys.dtype))
+    kernel, grid, block, num_blocks = _superblock_launch(_superblock_keys_kernel, keys, products, superblock)
+    num_superblocks = grid[2]
     out_specs = [pl.BlockSpec((None, None, superblock * block, dim), _superblock_rows),
                  pl.BlockSpec((None, None, dim, dim), _superblock_rows)]
     out_shape = [jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * block, dim), keys.dtype),
@@ -125,7 +134,7 @@ def superblock_keys_kernel(keys: jax.Array, products: jax.Array, superblock: int
         out_shape.append(jax.ShapeDtypeStruct((batch, groups, num_superblocks * superblock * dim, dim), jnp.float32))
     return tuple(pl.pallas_call(
         kernel,
-        grid=(batch, groups, num_superblocks),
+        grid=grid,
         in_specs=[pl.BlockSpec((None, None, length, dim), _whole_head),
                   pl.BlockSpec((None, None, num_blocks * dim, dim), _whole_head)],
         out_specs=out_specs,
@@ -171,14 +180,11 @@ def superblock_keys_pullback(keys: jax.Array, products: jax.Array, suffixes: jax
     float32 from ``keys [B, G, T', D]``, ``products [B, G, N·D, D]``, the suffixes of
     ``superblock_keys_kernel(..., with_suffixes=True)`` and the cotangents ``dK̂ [B, G, T', D]`` and ``dΦ``."""
     batch, groups, length, dim = keys.shape
-    num_blocks = products.shape[2] // dim
-    block = length // num_blocks
-    num_superblocks = -(-num_blocks // superblock)
-    kernel = functools.partial(_superblock_pullback_kernel, block=block, dim=dim, num_blocks=num_blocks,
-                               superblock=superblock, precision=kernel_precision(keys.dtype))
+    kernel, grid, block, num_blocks = _superblock_launch(_superblock_pullback_kernel, keys, products, superblock)
+    num_superblocks = grid[2]
     d_keys, d_products = pl.pallas_call(
         kernel,
-        grid=(batch, groups, num_superblocks),
+        grid=grid,
         in_specs=[pl.BlockSpec((None, None, length, dim), _whole_head),
                   pl.BlockSpec((None, None, num_blocks * dim, dim), _whole_head),
                   pl.BlockSpec((None, None, superblock * dim, dim), _superblock_rows),
