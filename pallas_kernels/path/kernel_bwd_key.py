@@ -71,7 +71,10 @@ def _key_kernel(*refs, block: int, dim: int, num_blocks: int, superblock: int, s
         raw = dot_transposed_rhs(queries.astype(keys.dtype), moved_keys.astype(keys.dtype))  # [C, C]
         probabilities, d_logits, d_out = probabilities_and_cotangent(raw, query_rows, None)
         d_values = d_values + contract(probabilities.astype(d_out.dtype), d_out, 0, 0)
-        return (d_values, d_gate - jnp.sum(d_logits, axis=0)), contract(d_logits, queries, 0, 0, precision)
+        # dℓᵀ Q_n in the keys' dtype (like the logits; float32 accumulation): on an H100 the key side took
+        # 37.8 / 134.3 ms at 32 x 4096 x 32 x 64 / 4 x 16384 x 16 x 128 this way, 47.2 / 176.8 with TF32.
+        d_moved = contract(d_logits.astype(keys.dtype), queries.astype(keys.dtype), 0, 0)  # [C, D]
+        return (d_values, d_gate - jnp.sum(d_logits, axis=0)), d_moved
 
     def visit_own_superblock(query_block, carry):
         """Query block n of m's super-block: ``dV``, ``dK̄``, ``dG`` updates, then ``M ← P_n M``."""
