@@ -40,8 +40,8 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
     query blocks per scan); ``superblock``: key blocks per super-block of the Pallas backward's
     recomputation (None: ``kernel_bwd.default_superblock``); ``forward_superblock``: key blocks per super-block
     of the forward kernel (None: ``blocks.DEFAULT_FORWARD_SUPERBLOCK``); ``preprocess``: ``"xla"`` or
-    ``"kernel"``, where the forward's per-block terms are computed; ``terms_backward``: ``"kernel"`` or ``"xla"``, how the Pallas
-    backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
+    ``"kernel"``, where the forward's per-block terms are computed; ``terms_backward``: ``"kernel"`` or
+    ``"xla"``, how the Pallas backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
     ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU). Returns ``[B, T, H, D]`` in
     q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
     """

@@ -116,7 +116,7 @@ def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, sup
     C], dG [B, H, T'], dP [B, G, N·D, D], dK̄ [B, G, T', D], dV [B, H, T', D])``, float32, from the terms in the
     kernels' layout (``gate`` None: no forget gate). The kernels meet earlier super-blocks through the keys
     carried to their super-block end (``superblocks``); the cotangents of those and of the super-block products
-    are pulled back to ``dK̄`` and ``dP`` by ``jax.vjp`` of ``keys_to_superblock_end`` (float32)."""
+    are pulled back to ``dK̄`` and ``dP`` (``_superblock_terms``)."""
     q, k, v, _, _, _, segment_ids, out, logsumexp = residuals
     batch, length, heads, dim = q.shape
     groups = k.shape[2]
@@ -169,8 +169,7 @@ def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals
 
     (``r`` the query heads of a KV head; the gate is the cumulative sum of the log forget gates)."""
     q, k, v, w, beta, log_f, _, _, _ = residuals
-    batch, length, heads, dim = q.shape
-    groups = k.shape[2]
+    length, groups = q.shape[1], k.shape[2]
     block = blocks.block
     q_heads, k_heads, w_heads, transform, keys, values, products = kernel_layout(q, k, v, w, beta, blocks)
     launch = dict(interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages)

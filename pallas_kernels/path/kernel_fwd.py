@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxlm.ops.path_blockwise import MASKED_LOGIT
+from pallas_kernels.path.kernel_bwd_common import gated_logits as shared_gated_logits
 from pallas_kernels.ssd.common import contract, dot, dot_transposed_rhs, launch_options
 
 
@@ -98,13 +98,10 @@ def _forward_kernel(*refs, block: int, dim: int, num_blocks: int, superblock: in
 
     def gated_logits(raw, key_rows, visible):
         """``scale·s_ij + G_i − G_j`` where ``visible`` and i, j share a segment, MASKED_LOGIT elsewhere."""
-        logits = scale * raw  # [C, C']
-        if with_gate:
-            logits = logits + gate_ref[own][:, None] - gate_ref[key_rows][None, :]
-        if with_segments:
-            same_segment = segments_ref[own][:, None] == segments_ref[key_rows][None, :]  # [C, C']
-            visible = same_segment if visible is None else visible & same_segment
-        return logits if visible is None else jnp.where(visible, logits, MASKED_LOGIT)
+        return shared_gated_logits(raw, scale, gate_ref[own] if with_gate else None,
+                                   gate_ref[key_rows] if with_gate else None,
+                                   segments_ref[own] if with_segments else None,
+                                   segments_ref[key_rows] if with_segments else None, visible)
 
     def attend(key_block, keys_source, queries, softmax):
         """Online-softmax update of ``softmax = (m, l, acc)`` with key block ``key_block``, its keys read from
