@@ -9,6 +9,12 @@ backward pass is ``sum(out²)``, differentiated wrt every input (q, k, v, w, β 
 forget gates). PaTH runs with H query heads and H KV heads, so it does the work of the same attention shape
 plus the Householder terms. The ``/cudnn`` columns are ratios to cuDNN flash attention on the same shape. An
 impl that fails (no cuDNN on CPU, out of memory, no kernel) prints ``-`` and its reason below the table.
+
+Two more plain causal softmax attentions, from JAX's own Pallas kernels, show what flash attention itself reaches
+on each Pallas GPU toolchain (the floor of a PaTH kernel built on it, which does that work and more):
+``triton_flash`` (``jax.experimental.pallas.ops.gpu.attention.mha``, Triton lowering, the toolchain of the PaTH
+kernels) and ``mosaic_flash`` (``attention_mgpu``, Mosaic GPU with Hopper warpgroup products; float16 only, so
+its time includes casting q, k, v; forward only, its causal backward is not implemented).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from peaks import median_seconds  # noqa: E402
 from jaxlm.ops.path import path_attention  # noqa: E402
 
 DEFAULT_SHAPES = "32x2048x32x64,32x4096x32x64,8x8192x32x64,4x16384x16x128"
-IMPLS = ("pallas", "blockwise", "cudnn")
+IMPLS = ("pallas", "blockwise", "cudnn", "triton_flash", "mosaic_flash")
 
 
 def make_inputs(batch: int, length: int, heads: int, dim: int, dtype, with_gate: bool) -> tuple:
@@ -49,21 +55,34 @@ def impl_function(impl: str):
     """``inputs -> out`` of one impl (cuDNN reads only q, k, v)."""
     if impl == "cudnn":
         return lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "triton_flash":
+        from jax.experimental.pallas.ops.gpu import attention
+
+        return lambda q, k, v, *_: attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+    if impl == "mosaic_flash":
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        return lambda q, k, v, *_: attention_mgpu.attention(*(x.astype(jnp.float16) for x in (q, k, v)), config)
     return lambda *inputs: path_attention(*inputs, impl=impl)
 
 
-def forward_and_train_ms(function, inputs, repeats: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ``function(*inputs)`` with loss ``sum(out²)``."""
+def forward_ms(function, inputs, repeats: int) -> float:
+    """Milliseconds of ``function(*inputs)``."""
     forward = jax.jit(function)
+    return 1e3 * median_seconds(lambda: forward(*inputs), warmup=1, repeats=repeats)
+
+
+def forward_backward_ms(function, inputs, repeats: int) -> float:
+    """Milliseconds of the gradient of ``sum(function(*inputs)²)`` wrt every input."""
     differentiable = tuple(range(len(inputs)))
     train = jax.jit(jax.grad(lambda *x: jnp.sum(jnp.square(function(*x).astype(jnp.float32))), differentiable))
-    timed = {"warmup": 1, "repeats": repeats}
-    return (1e3 * median_seconds(lambda: forward(*inputs), **timed),
-            1e3 * median_seconds(lambda: train(*inputs), **timed))
+    return 1e3 * median_seconds(lambda: train(*inputs), warmup=1, repeats=repeats)
 
 
 def measure(shape: str, impls, with_gate: bool, repeats: int) -> list[dict]:
-    """One row per impl for a ``BxTxHxD`` shape; failures keep their reason."""
+    """One row per impl for a ``BxTxHxD`` shape; failures keep their reason (a forward that runs keeps its
+    time when the backward fails)."""
     batch, length, heads, dim = (int(x) for x in shape.split("x"))
     inputs = make_inputs(batch, length, heads, dim, jnp.bfloat16, with_gate)
     rows = []
@@ -71,7 +90,9 @@ def measure(shape: str, impls, with_gate: bool, repeats: int) -> list[dict]:
         row = dict(impl=impl, batch=batch, length=length, heads=heads, dim=dim, fwd_ms=math.nan,
                    fwd_bwd_ms=math.nan, error="")
         try:
-            row["fwd_ms"], row["fwd_bwd_ms"] = forward_and_train_ms(impl_function(impl), inputs, repeats)
+            function = impl_function(impl)
+            row["fwd_ms"] = forward_ms(function, inputs, repeats)
+            row["fwd_bwd_ms"] = forward_backward_ms(function, inputs, repeats)
         except Exception as error:  # noqa: BLE001 - report the reason and go on with the other impls
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         rows.append(row)
@@ -135,10 +156,10 @@ def format_table(rows: list[dict]) -> str:
     def cell(value, width, digits):
         return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{digits}f}"
 
-    lines = [f"{'impl':<10}{'B x T x H x D':>22}{'fwd ms':>10}{'fwd+bwd':>10}{'fwd/cudnn':>11}{'f+b/cudnn':>11}"]
+    lines = [f"{'impl':<14}{'B x T x H x D':>22}{'fwd ms':>10}{'fwd+bwd':>10}{'fwd/cudnn':>11}{'f+b/cudnn':>11}"]
     for row in rows:
         shape = f"{row['batch']} x {row['length']} x {row['heads']} x {row['dim']}"
-        lines.append(f"{row['impl']:<10}{shape:>22}{cell(row['fwd_ms'], 10, 2)}{cell(row['fwd_bwd_ms'], 10, 2)}"
+        lines.append(f"{row['impl']:<14}{shape:>22}{cell(row['fwd_ms'], 10, 2)}{cell(row['fwd_bwd_ms'], 10, 2)}"
                      f"{cell(row['fwd_vs_cudnn'], 11, 2)}{cell(row['fwd_bwd_vs_cudnn'], 11, 2)}")
     lines += [f"- {row['impl']} {row['batch']}x{row['length']}x{row['heads']}x{row['dim']}: {row['error']}"
               for row in rows if row["error"]]
