@@ -7,8 +7,10 @@ cuDNN causal flash attention, bf16, per (B, T, H, D).
 Each row is the median of repeats after warm-up (``benchmarks/peaks.median_seconds``); the loss of the
 backward pass is ``sum(out²)``, differentiated wrt every input (q, k, v, w, β and, with ``--gate``, the log
 forget gates). PaTH runs with H query heads and H KV heads, so it does the work of the same attention shape
-plus the Householder terms. The ``/cudnn`` columns are ratios to cuDNN flash attention on the same shape. An
-impl that fails (no cuDNN on CPU, out of memory, no kernel) prints ``-`` and its reason below the table.
+plus the Householder terms. ``pallas_rebuild`` is the Pallas kernel with ``save_block_terms=False`` (less
+residual memory, the backward builds the block terms again). The ``/cudnn`` columns are ratios to cuDNN flash
+attention on the same shape; ``train MiB`` is the compiled forward+backward's temporary memory (residuals and
+buffers, ``memory_analysis``). An impl that fails (no cuDNN on CPU, out of memory, no kernel) prints ``-`` and its reason below the table.
 
 Two more plain causal softmax attentions, from JAX's own Pallas kernels, show what flash attention itself reaches
 on each Pallas GPU toolchain (the floor of a PaTH kernel built on it, which does that work and more):
@@ -34,7 +36,7 @@ from peaks import median_seconds  # noqa: E402
 from jaxlm.ops.path import path_attention  # noqa: E402
 
 DEFAULT_SHAPES = "32x2048x32x64,32x4096x32x64,8x8192x32x64,4x16384x16x128"
-IMPLS = ("pallas", "blockwise", "cudnn", "triton_flash", "mosaic_flash")
+IMPLS = ("pallas", "pallas_rebuild", "blockwise", "cudnn", "triton_flash", "mosaic_flash")
 
 
 def make_inputs(batch: int, length: int, heads: int, dim: int, dtype, with_gate: bool) -> tuple:
@@ -55,6 +57,10 @@ def impl_function(impl: str):
     """``inputs -> out`` of one impl (cuDNN reads only q, k, v)."""
     if impl == "cudnn":
         return lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "pallas_rebuild":  # the backward builds the block terms again instead of reading the forward's
+        from pallas_kernels.path import path_attention_pallas
+
+        return lambda *inputs: path_attention_pallas(*inputs, save_block_terms=False)
     if impl == "triton_flash":
         from jax.experimental.pallas.ops.gpu import attention
 
@@ -73,11 +79,13 @@ def forward_ms(function, inputs, repeats: int) -> float:
     return 1e3 * median_seconds(lambda: forward(*inputs), warmup=1, repeats=repeats)
 
 
-def forward_backward_ms(function, inputs, repeats: int) -> float:
-    """Milliseconds of the gradient of ``sum(function(*inputs)²)`` wrt every input."""
+def forward_backward_ms(function, inputs, repeats: int) -> tuple[float, float]:
+    """(milliseconds, compiled temporary MiB) of the gradient of ``sum(function(*inputs)²)`` wrt every input
+    (the temporaries hold the forward's residuals and the backward's buffers; ``memory_analysis``)."""
     differentiable = tuple(range(len(inputs)))
     train = jax.jit(jax.grad(lambda *x: jnp.sum(jnp.square(function(*x).astype(jnp.float32))), differentiable))
-    return 1e3 * median_seconds(lambda: train(*inputs), warmup=1, repeats=repeats)
+    temporary_mib = train.lower(*inputs).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
+    return 1e3 * median_seconds(lambda: train(*inputs), warmup=1, repeats=repeats), temporary_mib
 
 
 def measure(shape: str, impls, with_gate: bool, repeats: int) -> list[dict]:
@@ -88,11 +96,11 @@ def measure(shape: str, impls, with_gate: bool, repeats: int) -> list[dict]:
     rows = []
     for impl in impls:
         row = dict(impl=impl, batch=batch, length=length, heads=heads, dim=dim, fwd_ms=math.nan,
-                   fwd_bwd_ms=math.nan, error="")
+                   fwd_bwd_ms=math.nan, train_mib=math.nan, error="")
         try:
             function = impl_function(impl)
             row["fwd_ms"] = forward_ms(function, inputs, repeats)
-            row["fwd_bwd_ms"] = forward_backward_ms(function, inputs, repeats)
+            row["fwd_bwd_ms"], row["train_mib"] = forward_backward_ms(function, inputs, repeats)
         except Exception as error:  # noqa: BLE001 - report the reason and go on with the other impls
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         rows.append(row)
@@ -112,7 +120,7 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
     """Forward ms of the XLA precomputation (blockwise terms and super-block keys in the kernel layout) and of
     the Pallas kernel alone, per ``block:num_warps:num_stages:superblock`` variant (0 = the default), on bf16
     inputs without gate."""
-    from pallas_kernels.path.blocks import path_blocks
+    from pallas_kernels.path.blocks import path_blocks, superblock_or_default
     from pallas_kernels.path.kernel_fwd import path_forward
     from pallas_kernels.path.layout import forward_layout
 
@@ -122,10 +130,11 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
     for variant in variants:
         block, num_warps, num_stages, superblock = (int(x) for x in (variant + ":0:0:0:0").split(":")[:4])
         try:
-            blocks = path_blocks(dim, jnp.bfloat16, block, preprocess="xla", forward_superblock=superblock or None)
-            precompute = jax.jit(lambda *x: forward_layout(*x, blocks))
+            blocks = path_blocks(dim, jnp.bfloat16, block, preprocess="xla")
+            superblock = superblock_or_default(superblock or None, -(-length // block))
+            precompute = jax.jit(lambda *x: forward_layout(*x, blocks, superblock))
             kernel_inputs = precompute(q, k, v, w, beta)
-            kernel = jax.jit(lambda *x: path_forward(*x, block=block, superblock=blocks.forward_superblock,
+            kernel = jax.jit(lambda *x: path_forward(*x, block=block, superblock=superblock,
                                                      scale=dim ** -0.5, num_warps=num_warps or None,
                                                      num_stages=num_stages or blocks.num_stages))
             timed = {"warmup": 1, "repeats": repeats}
@@ -133,7 +142,7 @@ def forward_breakdown(shape: str, variants: list[str], repeats: int) -> list[str
             kernel_ms = 1e3 * median_seconds(lambda: kernel(*kernel_inputs), **timed)
             prep_ms = pallas_preprocess_ms(k, w, beta, block, timed)
             lines.append(f"breakdown {shape} block={block} warps={num_warps} stages={num_stages} "
-                         f"superblock={blocks.forward_superblock}: precompute {precompute_ms:.2f} ms (Pallas "
+                         f"superblock={superblock}: precompute {precompute_ms:.2f} ms (Pallas "
                          f"block terms {prep_ms:.2f} ms), kernel {kernel_ms:.2f} ms")
         except Exception as error:  # noqa: BLE001 - report and go on with the other variants
             lines.append(f"breakdown {shape} {variant}: - {type(error).__name__}: {str(error)[:300]}")
@@ -156,11 +165,13 @@ def format_table(rows: list[dict]) -> str:
     def cell(value, width, digits):
         return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{digits}f}"
 
-    lines = [f"{'impl':<14}{'B x T x H x D':>22}{'fwd ms':>10}{'fwd+bwd':>10}{'fwd/cudnn':>11}{'f+b/cudnn':>11}"]
+    lines = [f"{'impl':<14}{'B x T x H x D':>22}{'fwd ms':>10}{'fwd+bwd':>10}{'fwd/cudnn':>11}{'f+b/cudnn':>11}"
+             f"{'train MiB':>11}"]
     for row in rows:
         shape = f"{row['batch']} x {row['length']} x {row['heads']} x {row['dim']}"
         lines.append(f"{row['impl']:<14}{shape:>22}{cell(row['fwd_ms'], 10, 2)}{cell(row['fwd_bwd_ms'], 10, 2)}"
-                     f"{cell(row['fwd_vs_cudnn'], 11, 2)}{cell(row['fwd_bwd_vs_cudnn'], 11, 2)}")
+                     f"{cell(row['fwd_vs_cudnn'], 11, 2)}{cell(row['fwd_bwd_vs_cudnn'], 11, 2)}"
+                     f"{cell(row.get('train_mib', math.nan), 11, 0)}")
     lines += [f"- {row['impl']} {row['batch']}x{row['length']}x{row['heads']}x{row['dim']}: {row['error']}"
               for row in rows if row["error"]]
     return "\n".join(lines)

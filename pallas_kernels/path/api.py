@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxlm.ops.path_blockwise import segment_blocks
 from jaxlm.ops.path_blockwise_vjp import linear_memory_backward
-from pallas_kernels.path.blocks import PathBlocks, path_blocks
+from pallas_kernels.path.blocks import PathBlocks, path_blocks, superblock_or_default
 from pallas_kernels.path.kernel_bwd import path_backward
 from pallas_kernels.path.kernel_fwd import path_forward
 from pallas_kernels.path.layout import cumulative_gate, forward_layout, time_major
@@ -29,7 +29,7 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
                           block_size: int | None = None, backward_group_size: int = 4,
                           interpret=None, backward: str = "kernels", superblock: int | None = None,
                           preprocess: str | None = None, terms_backward: str | None = None,
-                          forward_superblock: int | None = None) -> jax.Array:
+                          forward_superblock: int | None = None, save_block_terms: bool = True) -> jax.Array:
     """``o_i = Σ_{j≤i} softmax_j(scale·q_iᵀ H_i … H_{j+1} k_j + G_i − G_j) v_j`` on the kernels.
 
     Arguments as in ``jaxlm.ops.path.path_attention`` (``q [B, T, H, D]``; ``k, v, w [B, T, G, D]``;
@@ -38,16 +38,17 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
     ``interpret`` None runs interpret mode on CPU only (``pltpu.InterpretParams()`` interprets with TPU
     semantics). ``backward``: ``"kernels"`` (Pallas) or ``"xla"`` (the reference; ``backward_group_size``
     query blocks per scan); ``superblock``: key blocks per super-block of the Pallas backward's
-    recomputation (None: ``kernel_bwd.default_superblock``); ``forward_superblock``: key blocks per super-block
-    of the forward kernel (None: ``blocks.DEFAULT_FORWARD_SUPERBLOCK``); ``preprocess``: ``"xla"`` or
+    recomputation; ``forward_superblock``: key blocks per super-block of the forward kernel (either None:
+    ``blocks.default_superblock``, ⌈√N⌉ for N blocks); ``preprocess``: ``"xla"`` or
     ``"kernel"``, where the forward's per-block terms are computed; ``terms_backward``: ``"kernel"`` or
     ``"xla"``, how the Pallas backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
-    ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU). Returns ``[B, T, H, D]`` in
+    ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU); ``save_block_terms``: keep the
+    forward's per-block terms for the kernels' backward (``blocks.PathBlocks``: faster, more residual memory). Returns ``[B, T, H, D]`` in
     q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
     """
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     blocks = path_blocks(q.shape[-1], dtype, block_size, backward, superblock, preprocess, terms_backward,
-                         forward_superblock)
+                         forward_superblock, save_block_terms)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _path_attention(scale, blocks, backward_group_size, interpret, q, k, v, w, beta, log_f, segment_ids)
 
@@ -59,28 +60,32 @@ def _path_attention(scale, blocks, group_size, interpret, q, k, v, w, beta, log_
 
 
 def _forward(scale, blocks: PathBlocks, group_size, interpret, q, k, v, w, beta, log_f, segment_ids):
-    """Per-block precomputation, then the kernel; residuals are the inputs, the kernel's float32 output
-    ``[B, H, T', D]`` and log-sum-exp ``[B, H, N, C]``."""
+    """Per-block precomputation, then the kernel; residuals are ``(the inputs, the kernel's float32 output
+    ``[B, H, T', D]`` and log-sum-exp ``[B, H, N, C]``; the block terms (𝒯, k̄, P) when
+    ``blocks.saves_block_terms``, else None)``."""
     batch, length, heads, dim = q.shape
-    kernel_inputs = forward_layout(q, k, v, w, beta, blocks)
+    superblock = superblock_or_default(blocks.forward_superblock, -(-length // blocks.block))
+    kernel_inputs = forward_layout(q, k, v, w, beta, blocks, superblock)
     gate = cumulative_gate(log_f, blocks.block)  # [B, H, T'] or None
     segments = None
     if segment_ids is not None:
         segments = segment_blocks(segment_ids, batch, length, blocks.block).reshape(batch, -1)  # [B, T']
     out, logsumexp = path_forward(*kernel_inputs, gate, segments, block=blocks.block,
-                                  superblock=blocks.forward_superblock, scale=scale,
+                                  superblock=superblock, scale=scale,
                                   interpret=interpret, num_warps=blocks.num_warps,
                                   num_stages=blocks.num_stages)  # [B, H, T', D], [B, H, N, C]
     sequence = time_major(out, length, q.dtype)  # [B, T, H, D]
-    return sequence, (q, k, v, w, beta, log_f, segment_ids, out, logsumexp)
+    block_terms = tuple(kernel_inputs[i] for i in (3, 4, 6)) if blocks.saves_block_terms else None
+    return sequence, ((q, k, v, w, beta, log_f, segment_ids, out, logsumexp), block_terms)
 
 
-def _backward(scale, blocks: PathBlocks, group_size, interpret, residuals, d_out):
+def _backward(scale, blocks: PathBlocks, group_size, interpret, saved, d_out):
     """Exact cotangents from the Pallas backward kernels, or from the XLA reference when
     ``blocks.backward == "xla"``."""
+    residuals, block_terms = saved
     if blocks.backward == "xla":
         return linear_memory_backward(scale, blocks.block, group_size, blockwise_residuals(residuals), d_out)
-    return path_backward(scale, blocks, interpret, residuals, d_out, blocks.superblock)
+    return path_backward(scale, blocks, interpret, residuals, d_out, blocks.superblock, block_terms)
 
 
 def blockwise_residuals(residuals):

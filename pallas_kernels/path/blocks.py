@@ -8,28 +8,32 @@ tiles. ``num_warps`` / ``num_stages``: Triton settings (None: Pallas' defaults);
 pipeline stage on GPU (shared memory at D = 128, speed at D = 64), head dims above 128 are refused there.
 ``backward``: ``"kernels"`` (the Pallas backward of ``kernel_bwd``) or ``"xla"`` (the linear-memory XLA backward of
 ``jaxlm.ops.path_blockwise_vjp``, the reference); ``superblock``: key blocks per super-block of the query-side
-backward's recomputation (None: ``kernel_bwd.default_superblock``); ``forward_superblock``: key blocks per
-super-block of the forward kernel, whose query crosses a whole super-block in one move (``kernel_fwd``; on an
-H100 the kernel alone took 17.6 / 20.7 / 35.5 ms with 8 / 4 / 1 blocks at 32 × 4096 × 32 × 64 and 41 / 53 / 137 ms
-at 4 × 16384 × 16 × 128, so 8 is the default). ``preprocess``: where the per-block terms
+backward's recomputation (None: ``default_superblock``); ``forward_superblock``: key blocks per
+super-block of the forward kernel, whose query crosses a whole super-block in one move (``kernel_fwd``; None:
+``default_superblock``, ⌈√N⌉ for N blocks; on an H100 the kernel alone took 20.3 / 21.5 ms with 8 / 16 blocks at
+32 × 4096 × 32 × 64, N = 64, and 49.9 / 42.7 ms at 4 × 16384 × 16 × 128, N = 256). ``preprocess``: where the per-block terms
 (𝒯, carried keys, block products) are computed, ``"kernel"`` (``kernel_prep``, inverse blocks of
 ``prep_sub_block`` tokens, the triangular system's products at ``float32_dots``; on an H100 at 32 × 4096 × 32 × 64
 8.9 ms with 32-token sub-blocks and TF32×3, against 21.8 ms for XLA's and 22–26 ms with full-float32 products)
 or ``"xla"`` (``jaxlm.ops.path_blockwise``). ``terms_backward``: how the Pallas backward rebuilds and pulls back
 the block terms, ``"kernel"`` (``kernel_prep.path_query_terms`` and ``kernel_terms_bwd``, whose products through
 the UT inverse also take ``float32_dots``) or ``"xla"`` (``jax.vjp`` of ``jaxlm.ops.path_blockwise.blockwise_terms``).
+``save_block_terms``: the forward keeps its per-KV-head 𝒯, k̄ and P for the kernels' backward instead of the
+backward building them again (``terms_backward == "kernel"`` only). It saves the preprocessing's time in the
+backward (10.3 ms of 120.6 at 32 × 4096 × 32 × 64 on an H100) for ``G·T'·(C + D)`` float32 values and ``G·T'·D``
+in k's dtype per batch row, per layer (2.4 GB at that shape, next to 1.6 GB for the other residuals).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
 from pallas_kernels.registry import UnsupportedShapeError, backend
 
 DEFAULT_BLOCK = {"gpu": 64, "tpu": 128, "cpu": 64}
-DEFAULT_FORWARD_SUPERBLOCK = 8
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 BACKWARDS = ("kernels", "xla")
 PREPROCESSES = ("xla", "kernel")
@@ -43,11 +47,30 @@ class PathBlocks:
     num_stages: int | None = None
     backward: str = "kernels"
     superblock: int | None = None
-    forward_superblock: int = DEFAULT_FORWARD_SUPERBLOCK  # key blocks per super-block of the forward kernel
+    forward_superblock: int | None = None  # key blocks per super-block of the forward kernel (None: default_superblock)
     preprocess: str = "kernel"
     terms_backward: str = "kernel"
     prep_sub_block: int = 32  # the preprocessing kernel's inverse blocks
     float32_dots: str = "tf32x3"  # products of the UT system and its pullback (gdn.float32_dots)
+    save_block_terms: bool = True  # the forward's 𝒯, k̄, P kept for the kernels' backward (not rebuilt)
+
+    @property
+    def saves_block_terms(self) -> bool:
+        """Whether the forward keeps its block terms as residuals: asked for, and read by the backward (the
+        Pallas backward with the block terms on kernels)."""
+        return self.save_block_terms and self.backward == "kernels" and self.terms_backward == "kernel"
+
+
+def default_superblock(num_blocks: int) -> int:
+    """Key blocks per super-block, ``⌈√N⌉`` for N blocks: it balances a query block's moves past the earlier
+    super-blocks (one per super-block, ≈ n / S for block n) against those inside its own super-block (one per
+    block, ≈ S / 2), whose sum over the N query blocks, ≈ N·S / 2 + N² / (2S), is least at S = √N."""
+    return max(1, math.isqrt(num_blocks - 1) + 1) if num_blocks > 1 else 1
+
+
+def superblock_or_default(superblock: int | None, num_blocks: int) -> int:
+    """``superblock``, or ``default_superblock(num_blocks)`` when it is None."""
+    return default_superblock(num_blocks) if superblock is None else superblock
 
 
 def _is_power_of_two_from_16(value: int) -> bool:
@@ -63,11 +86,12 @@ def default_terms_path(dtype) -> str:
 
 def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: str = "kernels",
                 superblock: int | None = None, preprocess: str | None = None,
-                terms_backward: str | None = None, forward_superblock: int | None = None) -> PathBlocks:
+                terms_backward: str | None = None, forward_superblock: int | None = None,
+                save_block_terms: bool = True) -> PathBlocks:
     """Block size for ``head_dim`` and input ``dtype``; ``UnsupportedShapeError`` (naming the field and what
     is allowed) for shapes and dtypes the kernels do not handle, ValueError for an unknown ``backward``,
     ``preprocess`` or ``terms_backward`` or a ``superblock`` / ``forward_superblock`` that is not a positive integer
-    (``forward_superblock`` None: ``DEFAULT_FORWARD_SUPERBLOCK``). ``preprocess`` /
+    (either None: ``default_superblock`` of the sequence's block count). ``preprocess`` /
     ``terms_backward`` None: ``default_terms_path(dtype)``."""
     preprocess = default_terms_path(dtype) if preprocess is None else preprocess
     terms_backward = default_terms_path(dtype) if terms_backward is None else terms_backward
@@ -80,7 +104,6 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
     for name, count in (("superblock", superblock), ("forward_superblock", forward_superblock)):
         if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count > 0):
             raise ValueError(f"path pallas kernel: {name}={count!r} must be a positive integer or None")
-    forward_superblock = DEFAULT_FORWARD_SUPERBLOCK if forward_superblock is None else forward_superblock
     if not _is_power_of_two_from_16(head_dim):
         raise UnsupportedShapeError(f"path pallas kernel: head_dim={head_dim} must be a power of two >= 16 "
                                     "(use impl='blockwise', or impl='auto' to fall back automatically)")
@@ -99,5 +122,5 @@ def path_blocks(head_dim: int, dtype, block_size: int | None = None, backward: s
     # against 175 ms with the default, key side 62 against 84, forward 33.2 against 33.5.
     num_stages = 1 if backend() == "gpu" else None
     return PathBlocks(block=block, num_stages=num_stages, backward=backward, superblock=superblock,
-                      forward_superblock=forward_superblock,
+                      forward_superblock=forward_superblock, save_block_terms=bool(save_block_terms),
                       preprocess=preprocess, terms_backward=terms_backward, prep_sub_block=min(32, block))

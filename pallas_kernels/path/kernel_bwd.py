@@ -22,26 +22,18 @@ transform, carried keys, intra-block terms, gate cumulative sum) by ``jax.vjp`` 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxlm.ops.path_blockwise import BlockwiseTerms, blockwise_terms, segment_blocks
-from pallas_kernels.path.blocks import PathBlocks
+from pallas_kernels.path.blocks import PathBlocks, superblock_or_default
 from pallas_kernels.path.kernel_bwd_key import path_backward_keys
 from pallas_kernels.path.kernel_bwd_query import path_backward_queries
 from pallas_kernels.path.kernel_prep import path_query_terms
 from pallas_kernels.path.kernel_terms_bwd import path_terms_backward
 from pallas_kernels.path.layout import cumulative_gate, head_major, head_major_tokens, kernel_layout, time_major
 from pallas_kernels.path.superblocks import keys_to_superblock_end, superblock_keys_kernel, superblock_keys_pullback
-
-
-def default_superblock(num_blocks: int) -> int:
-    """Key blocks per super-block of the query-side recomputation (``kernel_bwd_query``): ``ceil(√N)``
-    balances the moves across super-blocks (≈ (n / S)² / 2 products) against those inside the query block's
-    own super-block (≈ S² / 4)."""
-    return max(1, math.isqrt(num_blocks - 1) + 1) if num_blocks > 1 else 1
 
 
 def group_sum(x: jax.Array, groups: int) -> jax.Array:
@@ -87,14 +79,17 @@ def _blockwise_cotangents(d_queries, d_intra, d_gate, d_products, d_keys, d_valu
     return BlockwiseTerms(to_grouped(d_queries), intra, keys, values, products, gate)
 
 
-def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out, superblock: int | None = None):
+def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out, superblock: int | None = None,
+                  block_terms=None):
     """Exact input cotangents ``(dq, dk, dv, dw, dβ, dlog_f, None)`` of PaTH attention on the backward kernels.
 
     ``residuals = (q, k, v, w, beta, log_f, segment_ids, out, logsumexp)`` with the forward kernel's float32
     ``out [B, H, T', D]`` and ``logsumexp [B, H, N, C]``; ``d_out [B, T, H, D]``. ``superblock`` None picks
-    ``default_superblock``. The block terms are rebuilt and pulled back by kernels (``blocks.terms_backward ==
+    ``blocks.default_superblock``. The block terms are rebuilt and pulled back by kernels (``blocks.terms_backward ==
     "kernel"``: ``kernel_layout``'s terms, ``kernel_prep.path_query_terms``, ``kernel_terms_bwd``) or by
-    ``jax.vjp`` of the XLA ``blockwise_terms`` (``"xla"``).
+    ``jax.vjp`` of the XLA ``blockwise_terms`` (``"xla"``). ``block_terms``: the forward's per-KV-head terms
+    ``(𝒯, k̄, P)`` in the kernel layout when it saved them (``PathBlocks.save_block_terms``), used by the kernel
+    path instead of running the preprocessing again.
     """
     q, k, v, w, beta, log_f, segment_ids, out, logsumexp = residuals
     if blocks.terms_backward == "xla":
@@ -107,7 +102,7 @@ def path_backward(scale: float, blocks: PathBlocks, interpret, residuals, d_out,
         d_terms = _blockwise_cotangents(*cotangents, terms.queries_at_start.shape)
         d_terms = jax.tree.map(lambda d, t: d.astype(t.dtype), d_terms, terms)
         return (*pullback(d_terms), None)
-    return _backward_with_terms_kernels(scale, blocks, interpret, residuals, d_out, superblock)
+    return _backward_with_terms_kernels(scale, blocks, interpret, residuals, d_out, superblock, block_terms)
 
 
 def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock, queries, intra, keys,
@@ -128,7 +123,7 @@ def _term_cotangents(scale, blocks: PathBlocks, interpret, residuals, d_out, sup
     if segment_ids is not None:
         segments = segment_blocks(segment_ids, batch, length, block).reshape(batch, -1)  # [B, T']
     num_blocks = products.shape[2] // dim
-    superblock = default_superblock(num_blocks) if superblock is None else superblock
+    superblock = superblock_or_default(superblock, num_blocks)
     superkeys, superproducts, pullback = _superblock_terms(keys, products, superblock, blocks, interpret)
     settings = dict(block=block, scale=scale, superblock=superblock, interpret=interpret,
                     num_warps=blocks.num_warps, num_stages=blocks.num_stages)
@@ -162,7 +157,7 @@ def _superblock_terms(keys, products, superblock: int, blocks: PathBlocks, inter
     return superkeys.astype(keys.dtype), superproducts, lambda *cotangents: vjp(cotangents)
 
 
-def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock):
+def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals, d_out, superblock, block_terms):
     """``path_backward`` with the block terms and their pullback on kernels:
 
         dq, dk, dw, dβ = kernel_terms_bwd(dQ̄, dS, Σ_r dK̄_r, dP),   dv = Σ_r dV_r,   dlog_f_t = Σ_{t' ≥ t} dG_t'
@@ -171,7 +166,8 @@ def _backward_with_terms_kernels(scale, blocks: PathBlocks, interpret, residuals
     q, k, v, w, beta, log_f, _, _, _ = residuals
     length, groups = q.shape[1], k.shape[2]
     block = blocks.block
-    q_heads, k_heads, w_heads, transform, keys, values, products = kernel_layout(q, k, v, w, beta, blocks)
+    q_heads, k_heads, w_heads, transform, keys, values, products = kernel_layout(q, k, v, w, beta, blocks,
+                                                                                 block_terms)
     launch = dict(interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     queries, intra = path_query_terms(q_heads, k_heads, w_heads, transform, block=block, **launch)
     d_queries, d_intra, d_gate, d_products, d_keys, d_values = _term_cotangents(

@@ -35,15 +35,18 @@ def cumulative_gate(log_f: jax.Array | None, block: int) -> jax.Array | None:
     return head_major_tokens(jnp.cumsum(log_f.astype(jnp.float32), axis=1), block)
 
 
-def kernel_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
+def kernel_layout(q, k, v, w, beta, blocks: PathBlocks, block_terms=None) -> list[jax.Array]:
     """The kernel's inputs (``kernel_fwd`` module docstring) but the gate and segments: ``q [B, H, T', D]``
     and raw ``k, w [B, G, T', D]`` as given; carried keys ``k̄`` and values ``[B, G, T', D]`` in the inputs'
-    dtype; per block 𝒯 ``[B, G, N·C, C]`` and products ``[B, G, N·D, D]`` float32, from the preprocessing kernel
+    dtype; per block 𝒯 ``[B, G, N·C, C]`` and products ``[B, G, N·D, D]`` float32. ``block_terms`` ``(𝒯, k̄, P)``
+    when already built (the forward's, saved for the backward); otherwise they come from the preprocessing kernel
     (``blocks.preprocess == "kernel"``, with ``blocks.prep_sub_block`` and ``blocks.float32_dots``) or
     ``jaxlm.ops.path_blockwise`` (``"xla"``)."""
     block = blocks.block
     kv_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    if blocks.preprocess == "kernel":
+    if block_terms is not None:
+        transform, carried, products = block_terms
+    elif blocks.preprocess == "kernel":
         transform, carried, products = path_preprocess(*(padded_time_major(x, block) for x in (k, w, beta)),
                                                        block=block, sub_block=blocks.prep_sub_block,
                                                        carried_dtype=kv_dtype, float32_dots=blocks.float32_dots,
@@ -54,18 +57,18 @@ def kernel_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
             head_major(v.astype(kv_dtype), block), products]
 
 
-def forward_layout(q, k, v, w, beta, blocks: PathBlocks) -> list[jax.Array]:
+def forward_layout(q, k, v, w, beta, blocks: PathBlocks, superblock: int) -> list[jax.Array]:
     """The forward kernel's inputs but the gate and segments: ``kernel_layout``'s, then the keys carried to
     their super-block end ``k̂ [B, G, T'', D]`` and the super-block products ``Φ`` float32, over super-blocks of
-    ``blocks.forward_superblock`` key blocks, on the kernel (``blocks.preprocess == "kernel"``) or in XLA
-    (``superblocks`` module docstring)."""
+    ``superblock`` key blocks, on the kernel (``blocks.preprocess == "kernel"``) or in XLA (``superblocks`` module
+    docstring)."""
     inputs = kernel_layout(q, k, v, w, beta, blocks)
     carried, products = inputs[4], inputs[6]
     if blocks.preprocess == "kernel":
-        superblock_terms = superblock_keys_kernel(carried, products, blocks.forward_superblock,
-                                                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        superblock_terms = superblock_keys_kernel(carried, products, superblock, num_warps=blocks.num_warps,
+                                                  num_stages=blocks.num_stages)
     else:
-        superblock_terms = keys_to_superblock_end(carried, products, blocks.forward_superblock)
+        superblock_terms = keys_to_superblock_end(carried, products, superblock)
     return inputs + list(superblock_terms)
 
 

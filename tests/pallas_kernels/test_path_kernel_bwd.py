@@ -13,7 +13,7 @@ from jax import enable_x64
 from jaxlm.ops.path import naive_path_attention
 from pallas_kernels.path import path_attention_pallas
 from pallas_kernels.path import blocks as path_block_sizes
-from pallas_kernels.path.kernel_bwd import default_superblock
+from pallas_kernels.path.blocks import default_superblock
 
 D = 16
 NAMES = ("q", "k", "v", "w", "beta", "log_f")
@@ -77,12 +77,16 @@ def test_gradients_match_float64_naive_and_xla_backward():
                                      backward_group_size=2)
         xla_terms = pallas_gradients(as_float32, cotangent32, segment_ids, True, superblock=2,
                                      terms_backward="xla")
+        rebuilt_terms = pallas_gradients(as_float32, cotangent32, segment_ids, True, superblock=2,
+                                         save_block_terms=False)
     expected = naive_gradients(inputs, cotangent, segment_ids, True)
-    for name, found, from_xla, from_xla_terms, wanted in zip(NAMES, kernels, reference, xla_terms, expected):
+    for name, found, from_xla, from_xla_terms, rebuilt, wanted in zip(NAMES, kernels, reference, xla_terms,
+                                                                      rebuilt_terms, expected):
         assert np.abs(wanted).max() > 1e-3, name  # every gradient is exercised
         assert_close(found, wanted, 1e-4, name)
         assert_close(found, from_xla, 2e-5, name)
         assert_close(from_xla_terms, from_xla, 2e-5, name)
+        assert_close(rebuilt, found, 2e-5, name)
 
 
 def test_bfloat16_gradients_without_gate_or_segments():
@@ -100,6 +104,20 @@ def test_bfloat16_gradients_without_gate_or_segments():
 @pytest.mark.parametrize("num_blocks, superblock", [(1, 1), (2, 2), (3, 2), (4, 2), (5, 3), (64, 8), (65, 9)])
 def test_default_superblock_is_ceil_sqrt(num_blocks, superblock):
     assert default_superblock(num_blocks) == superblock
+
+
+@pytest.mark.parametrize("backward, terms_backward, asked, saved", [
+    ("kernels", "kernel", True, True), ("kernels", "kernel", False, False), ("kernels", "xla", True, False),
+    ("xla", "kernel", True, False)])
+def test_block_terms_are_saved_only_for_the_kernels_backward(backward, terms_backward, asked, saved):
+    blocks = path_block_sizes.path_blocks(D, jnp.float32, backward=backward, terms_backward=terms_backward,
+                                          save_block_terms=asked)
+    assert blocks.saves_block_terms is saved
+    args = [jnp.ones((1, 40, 2, D))] * 4 + [jnp.full((1, 40, 2), 0.5)]
+    _, vjp = jax.vjp(lambda *x: path_attention_pallas(*x, block_size=16, backward=backward,
+                                                      terms_backward=terms_backward, save_block_terms=asked), *args)
+    head_major_rows = [x for x in jax.tree.leaves(vjp) if x.shape == (1, 2, 48, D)]  # T' = 48, C = D = 16
+    assert len(head_major_rows) == (4 if saved else 1)  # the output, then 𝒯, k̄ and P when saved
 
 
 def test_backward_switch_rejects_bad_values():
