@@ -10,7 +10,8 @@ forget gates). PaTH runs with H query heads and H KV heads, so it does the work 
 plus the Householder terms. ``pallas_rebuild`` is the Pallas kernel with ``save_block_terms=False`` (less
 residual memory, the backward builds the block terms again). The ``/cudnn`` columns are ratios to cuDNN flash
 attention on the same shape; ``train MiB`` is the compiled forward+backward's temporary memory (residuals and
-buffers, ``memory_analysis``). An impl that fails (no cuDNN on CPU, out of memory, no kernel) prints ``-`` and its reason below the table.
+buffers, ``memory_analysis``). An impl that fails (no cuDNN on CPU, out of memory, no kernel) prints ``-`` and its
+reason below the table.
 
 Two more plain causal softmax attentions, from JAX's own Pallas kernels, show what flash attention itself reaches
 on each Pallas GPU toolchain (the floor of a PaTH kernel built on it, which does that work and more):

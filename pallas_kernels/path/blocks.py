@@ -11,8 +11,8 @@ pipeline stage on GPU (shared memory at D = 128, speed at D = 64), head dims abo
 backward's recomputation (None: ``default_superblock``); ``forward_superblock``: key blocks per
 super-block of the forward kernel, whose query crosses a whole super-block in one move (``kernel_fwd``; None:
 ``default_superblock``, ⌈√N⌉ for N blocks; on an H100 the kernel alone took 20.3 / 21.5 ms with 8 / 16 blocks at
-32 × 4096 × 32 × 64, N = 64, and 49.9 / 42.7 ms at 4 × 16384 × 16 × 128, N = 256). ``preprocess``: where the per-block terms
-(𝒯, carried keys, block products) are computed, ``"kernel"`` (``kernel_prep``, inverse blocks of
+32 × 4096 × 32 × 64, N = 64, and 49.9 / 42.7 ms at 4 × 16384 × 16 × 128, N = 256). ``preprocess``: where the
+per-block terms (𝒯, carried keys, block products) are computed, ``"kernel"`` (``kernel_prep``, inverse blocks of
 ``prep_sub_block`` tokens, the triangular system's products at ``float32_dots``; on an H100 at 32 × 4096 × 32 × 64
 8.9 ms with 32-token sub-blocks and TF32×3, against 21.8 ms for XLA's and 22–26 ms with full-float32 products)
 or ``"xla"`` (``jaxlm.ops.path_blockwise``). ``terms_backward``: how the Pallas backward rebuilds and pulls back

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn.float32_dots import float32_precision
-from pallas_kernels.path.kernel_fwd import kernel_precision, own_block_terms
-from pallas_kernels.ssd.common import contract, dot_transposed_rhs, launch_options
+from pallas_kernels.path.kernel_fwd import kernel_precision, own_block_terms, raw_product
+from pallas_kernels.ssd.common import contract, launch_options
 from pallas_kernels.triangular import (blocked_unit_lower_inverse, identity_matrix, store_lower_blocks,
                                        strictly_lower_mask)
 
@@ -39,14 +39,15 @@ def _preprocess_kernel(k_ref, w_ref, beta_ref, transform_ref, carried_ref, produ
     """One block: 𝒯 from its inverse's sub-blocks, then ``Y = 𝒯ᵀ W``, ``K̄`` and ``P`` (module docstring)."""
     count = block // sub_block
     rows = [pl.ds(i * sub_block, sub_block) for i in range(count)]
-    directions = [w_ref[r, :].astype(jnp.float32) for r in rows]  # W_i  [S, D] each
-    keys = [k_ref[r, :].astype(jnp.float32) for r in rows]  # K_i  [S, D] each
+    raw_directions = [w_ref[r, :] for r in rows]  # W_i  [S, D] each, as given
+    raw_keys = [k_ref[r, :] for r in rows]  # K_i  [S, D] each
+    directions = [x.astype(jnp.float32) for x in raw_directions]
     betas = [beta_ref[r].astype(jnp.float32) for r in rows]  # β_i  [S] each
     lower = strictly_lower_mask(sub_block)
 
     def coupling(i, m):
         """``L_im = diag(β_i) W_i W_mᵀ`` (strictly lower on the diagonal)  [S, S]."""
-        gram = betas[i][:, None] * dot_transposed_rhs(directions[i], directions[m], system_precision)
+        gram = betas[i][:, None] * raw_product(raw_directions[i], raw_directions[m], 1, 1, system_precision)
         return jnp.where(lower, gram, 0.0) if i == m else gram
 
     inverse = blocked_unit_lower_inverse(coupling, count, system_precision)
@@ -59,9 +60,9 @@ def _preprocess_kernel(k_ref, w_ref, beta_ref, transform_ref, carried_ref, produ
     carried_rows = [sum(product(transform[t, s], directions[t], 0, 0) for t in range(s, count))
                     for s in range(count)]  # Y_s = Σ_{t≥s} 𝒯_tsᵀ W_t  [S, D]
     for j in range(count):
-        moved = keys[j]  # K̄_j = K_j − Σ_{s≥j} A_k,sjᵀ Y_s  [S, D]
+        moved = raw_keys[j].astype(jnp.float32)  # K̄_j = K_j − Σ_{s≥j} A_k,sjᵀ Y_s  [S, D]
         for s in range(j, count):
-            mixing = product(directions[s], keys[j], 1, 1)  # A_k,sj = W_s K_jᵀ  [S, S]
+            mixing = raw_product(raw_directions[s], raw_keys[j], 1, 1, precision)  # A_k,sj = W_s K_jᵀ  [S, S]
             if s == j:
                 mixing = jnp.where(lower, mixing, 0.0)
             moved = moved - product(mixing, carried_rows[s], 0, 0)

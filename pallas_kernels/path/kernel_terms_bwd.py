@@ -43,8 +43,13 @@ B, T, H, D = 32, 4096, 32, 64 (G = H, bf16 inputs, 4 warps, one stage) against 2
 register pressure.
 
 Precision: products with ``X``, the Gram matrix ``G`` or their cotangents (``X``, ``Ľ`` and ``(dG + dGᵀ) W``) are
-TF32×3 (``"tf32x3"``, the default, ``gdn.float32_dots``) or full float32 (``"ieee"``); the others at ``precision``
-(default ``kernel_fwd.kernel_precision`` of q's dtype: full float32 for float32 inputs, TF32 for bf16 ones).
+TF32×3 (``"tf32x3"``, the default, ``gdn.float32_dots``) or full float32 (``"ieee"``). Products of a raw input
+(q, k or w) with another raw input or with a cotangent (``dS_r K``, ``dS_rᵀ Q_r``, ``dQ̄_r Wᵀ``, ``dǍ W``,
+``W dPᵀ``, ...) run in the inputs' dtype with float32 accumulation, as FlashAttention's backward multiplies its bf16 logit
+cotangents with q and k: bf16 tensor-core products for bf16 inputs (on an H100 the mixing kernel took 19.8 ms
+at 32 × 4096 × 32 × 64 with them in TF32). The others (through ``𝒯``, ``M_r``, ``A_k`` or ``Y``) run at
+``precision`` (default ``kernel_fwd.kernel_precision`` of q's dtype: full float32 for float32 inputs, TF32 for
+bf16 ones).
 
 Layouts (head-major, ``T'`` whole blocks, as ``kernel_fwd.path_forward``): ``q [B, H, T', D]`` and
 ``k, w [B, G, T', D]`` in the input dtype, ``beta [B, G, T']``, ``transform [B, G, N·C, C]``, ``d_queries
@@ -61,7 +66,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn.float32_dots import float32_precision
-from pallas_kernels.path.kernel_fwd import kernel_precision
+from pallas_kernels.path.kernel_fwd import kernel_precision, raw_product
 from pallas_kernels.ssd.common import contract, launch_options
 from pallas_kernels.triangular import identity_matrix, strictly_lower_mask
 
@@ -73,48 +78,54 @@ def _lower_mask(size: int) -> jax.Array:
 
 
 def _query_head_pullback(r, carry, *, q_ref, d_queries_ref, d_intra_ref, dq_ref, keys, directions, transform,
-                         key_mixing, precision):
+                         key_mixing, precision, raw_dtype):
     """Step 1 of the module docstring for query head r: stores ``dQ_r`` and adds the head's share to
-    ``(dK [C, D], dW [C, D], d𝒯 [C, C], dA_k [C, C])``."""
+    ``(dK [C, D], dW [C, D], d𝒯 [C, C], dA_k [C, C])``. ``keys`` and ``directions`` are in ``raw_dtype``."""
     d_keys, d_directions, d_transform, d_key_mixing = carry
     block = keys.shape[0]
-    queries = q_ref[r].astype(jnp.float32)  # Q_r  [C, D]
+    queries = q_ref[r].astype(raw_dtype)  # Q_r  [C, D]
     d_intra = d_intra_ref[r]  # dS_r  [C, C]
     d_carried = d_queries_ref[r]  # dQ̄_r  [C, D]
 
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, precision)
 
+    def narrow(a, b, a_axis, b_axis):  # a raw input with a cotangent, in the raw (input) dtype
+        return contract(a.astype(raw_dtype), b.astype(raw_dtype), a_axis, b_axis, precision)
+
     lower = _lower_mask(block)
-    query_mixing = jnp.where(lower, product(queries, directions, 1, 1), 0.0)  # A_q,r  [C, C]
+    query_mixing = jnp.where(lower, narrow(queries, directions, 1, 1), 0.0)  # A_q,r  [C, C]
     mixed = product(query_mixing, transform, 1, 0)  # M_r = A_q,r 𝒯  [C, C]
-    d_mixed = -product(d_intra, key_mixing, 1, 1) - product(d_carried, directions, 1, 1)  # dM_r  [C, C]
+    d_mixed = -product(d_intra, key_mixing, 1, 1) - narrow(d_carried, directions, 1, 1)  # dM_r  [C, C]
     d_query_mixing = jnp.where(lower, product(d_mixed, transform, 1, 1), 0.0)  # dǍ_q,r  [C, C]
-    dq_ref[r] = d_carried + product(d_intra, keys, 1, 0) + product(d_query_mixing, directions, 1, 0)
-    d_keys = d_keys + product(d_intra, queries, 0, 0)
-    d_directions = d_directions + product(d_query_mixing, queries, 0, 0) - product(mixed, d_carried, 0, 0)
+    dq_ref[r] = d_carried + narrow(d_intra, keys, 1, 0) + narrow(d_query_mixing, directions, 1, 0)
+    d_keys = d_keys + narrow(d_intra, queries, 0, 0)
+    d_directions = d_directions + narrow(d_query_mixing, queries, 0, 0) - product(mixed, d_carried, 0, 0)
     d_transform = d_transform + product(query_mixing, d_mixed, 0, 0)
     d_key_mixing = d_key_mixing - product(mixed, d_intra, 0, 0)
     return d_keys, d_directions, d_transform, d_key_mixing
 
 
 def _carried_keys_and_product_pullback(carry, *, d_carried_keys, d_products, keys, directions, transform,
-                                       key_mixing, precision):
+                                       key_mixing, precision, raw_dtype):
     """Step 2 of the module docstring: ``(dK, dW, d𝒯)`` after the keys at the block end and the block product."""
     d_keys, d_directions, d_transform, d_key_mixing = carry
 
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, precision)
 
-    carried_rows = product(transform, directions, 0, 0)  # Y = 𝒯ᵀ W  [C, D]
+    def narrow(a, b, a_axis, b_axis):  # a raw input with a cotangent, in the raw (input) dtype
+        return contract(a.astype(raw_dtype), b.astype(raw_dtype), a_axis, b_axis, precision)
+
+    carried_rows = product(transform, directions.astype(jnp.float32), 0, 0)  # Y = 𝒯ᵀ W  [C, D]
     d_carried_rows = -product(key_mixing, d_carried_keys, 1, 0)  # dY = −A_k dK̄  [C, D]
     d_key_mixing = d_key_mixing - product(carried_rows, d_carried_keys, 1, 1)  # [C, C]
     d_key_mixing = jnp.where(strictly_lower_mask(keys.shape[0]), d_key_mixing, 0.0)  # dǍ_k
-    folded = d_carried_rows - product(directions, d_products, 1, 1)  # E = dY − W dPᵀ  [C, D]
-    d_transform = d_transform + product(directions, folded, 1, 1)
+    folded = d_carried_rows - narrow(directions, d_products, 1, 1)  # E = dY − W dPᵀ  [C, D]
+    d_transform = d_transform + narrow(directions, folded, 1, 1)
     d_directions = (d_directions + product(transform, folded, 1, 0) - product(carried_rows, d_products, 1, 0)
-                    + product(d_key_mixing, keys, 1, 0))
-    d_keys = d_keys + d_carried_keys + product(d_key_mixing, directions, 0, 0)
+                    + narrow(d_key_mixing, keys, 1, 0))
+    d_keys = d_keys + d_carried_keys + narrow(d_key_mixing, directions, 0, 0)
     return d_keys, d_directions, d_transform
 
 
@@ -126,13 +137,14 @@ def _inverse_pullback(d_transform, *, directions, betas, transform, system_preci
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, system_precision)
 
-    gram = product(directions, directions, 1, 1)  # G = W Wᵀ  [C, C]
+    gram = raw_product(directions, directions, 1, 1, system_precision)  # G = W Wᵀ  [C, C]
     lower_gram = jnp.where(strict, gram, 0.0)  # strictlower(G)
     inverse = identity_matrix(block) - product(transform, lower_gram, 1, 0)  # X = I − 𝒯 strictlower(G)  [C, C]
     d_system = product(inverse, product(d_transform, transform, 1, 1), 0, 0)  # Xᵀ d𝒯 𝒯ᵀ  [C, C]
     d_coupling = jnp.where(strict, -d_system, 0.0)  # Ľ  [C, C]
     d_betas = jnp.sum(inverse * d_transform, axis=0) + jnp.sum(d_coupling * gram, axis=1)  # [C]
     d_gram = betas[:, None] * d_coupling  # dG = diag(β) Ľ  [C, C]
+    directions = directions.astype(jnp.float32)
     return d_betas, product(d_gram, directions, 1, 0) + product(d_gram, directions, 0, 0)  # (dG + dGᵀ) W
 
 
@@ -140,13 +152,14 @@ def _mixing_kernel(q_ref, k_ref, w_ref, transform_ref, d_queries_ref, d_intra_re
                    dq_ref, dk_ref, dw_ref, d_transform_ref, *, heads_per_group: int, precision):
     """Steps 1 and 2 of the module docstring for one (batch, KV head, block): stores ``dQ_r``, ``dK``, the share
     of ``dW`` that does not go through the inverse, and ``d𝒯``."""
-    keys = k_ref[...].astype(jnp.float32)  # K  [C, D]
-    directions = w_ref[...].astype(jnp.float32)  # W  [C, D]
+    raw_dtype = jnp.result_type(q_ref.dtype, k_ref.dtype, w_ref.dtype)
+    keys = k_ref[...].astype(raw_dtype)  # K  [C, D]
+    directions = w_ref[...].astype(raw_dtype)  # W  [C, D]
     transform = transform_ref[...]  # 𝒯  [C, C]
     block, dim = keys.shape
     key_mixing = jnp.where(strictly_lower_mask(block), contract(directions, keys, 1, 1, precision), 0.0)  # A_k
     shared = dict(keys=keys, directions=directions, transform=transform, key_mixing=key_mixing,
-                  precision=precision)
+                  precision=precision, raw_dtype=raw_dtype)
     carry = (jnp.zeros((block, dim), jnp.float32), jnp.zeros((block, dim), jnp.float32),
              jnp.zeros((block, block), jnp.float32), jnp.zeros((block, block), jnp.float32))
     for head in range(heads_per_group):  # unrolled: a fori_loop here overflows an H100's shared memory
@@ -163,7 +176,7 @@ def _inverse_kernel(w_ref, beta_ref, transform_ref, d_transform_ref, d_mixing_re
                     system_precision):
     """Step 3 of the module docstring for one (batch, KV head, block): ``dβ``, and ``dW`` = the mixing kernel's
     share plus the Gram matrix's."""
-    d_betas, d_gram_share = _inverse_pullback(d_transform_ref[...], directions=w_ref[...].astype(jnp.float32),
+    d_betas, d_gram_share = _inverse_pullback(d_transform_ref[...], directions=w_ref[...],
                                               betas=beta_ref[...], transform=transform_ref[...],
                                               system_precision=system_precision)
     dw_ref[...] = d_mixing_ref[...] + d_gram_share
