@@ -44,7 +44,8 @@ def path_attention_pallas(q, k, v, w, beta, log_f=None, segment_ids=None, *, sca
     ``"xla"``, how the Pallas backward rebuilds and pulls back those terms (``blocks.PathBlocks``; None for either:
     ``blocks.default_terms_path``, the kernels except for float32 inputs on GPU); ``save_block_terms``: keep the
     forward's per-block terms for the kernels' backward (``blocks.PathBlocks``: faster, more residual memory).
-    Returns ``[B, T, H, D]`` in q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes the kernels do not handle.
+    Returns ``[B, T, H, D]`` in q's dtype. Raises ``UnsupportedShapeError`` for head dims, block sizes or dtypes
+    the kernels do not handle.
     """
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     blocks = path_blocks(q.shape[-1], dtype, block_size, backward, superblock, preprocess, terms_backward,

@@ -45,8 +45,8 @@ register pressure.
 Precision: products with ``X``, the Gram matrix ``G`` or their cotangents (``X``, ``Ľ`` and ``(dG + dGᵀ) W``) are
 TF32×3 (``"tf32x3"``, the default, ``gdn.float32_dots``) or full float32 (``"ieee"``). Products of a raw input
 (q, k or w) with another raw input or with a cotangent (``dS_r K``, ``dS_rᵀ Q_r``, ``dQ̄_r Wᵀ``, ``dǍ W``,
-``W dPᵀ``, ...) run in the inputs' dtype with float32 accumulation, as FlashAttention's backward multiplies its bf16 logit
-cotangents with q and k: bf16 tensor-core products for bf16 inputs (on an H100 the mixing kernel took 19.8 ms
+``W dPᵀ``, ...) run in the inputs' dtype with float32 accumulation, as FlashAttention's backward multiplies its
+bf16 logit cotangents with q and k: bf16 tensor-core products for bf16 inputs (on an H100 the mixing kernel took 19.8 ms
 at 32 × 4096 × 32 × 64 with them in TF32). The others (through ``𝒯``, ``M_r``, ``A_k`` or ``Y``) run at
 ``precision`` (default ``kernel_fwd.kernel_precision`` of q's dtype: full float32 for float32 inputs, TF32 for
 bf16 ones).
@@ -77,6 +77,12 @@ def _lower_mask(size: int) -> jax.Array:
             >= jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
 
 
+def _input_dtype_product(a, b, a_axis, b_axis, *, dtype, precision):
+    """``contract`` of a raw input with a cotangent (or another raw input), both cast to the inputs' ``dtype``,
+    float32 accumulation (module docstring, "Precision")."""
+    return contract(a.astype(dtype), b.astype(dtype), a_axis, b_axis, precision)
+
+
 def _query_head_pullback(r, carry, *, q_ref, d_queries_ref, d_intra_ref, dq_ref, keys, directions, transform,
                          key_mixing, precision, raw_dtype):
     """Step 1 of the module docstring for query head r: stores ``dQ_r`` and adds the head's share to
@@ -90,8 +96,7 @@ def _query_head_pullback(r, carry, *, q_ref, d_queries_ref, d_intra_ref, dq_ref,
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, precision)
 
-    def narrow(a, b, a_axis, b_axis):  # a raw input with a cotangent, in the raw (input) dtype
-        return contract(a.astype(raw_dtype), b.astype(raw_dtype), a_axis, b_axis, precision)
+    narrow = functools.partial(_input_dtype_product, dtype=raw_dtype, precision=precision)
 
     lower = _lower_mask(block)
     query_mixing = jnp.where(lower, narrow(queries, directions, 1, 1), 0.0)  # A_q,r  [C, C]
@@ -114,8 +119,7 @@ def _carried_keys_and_product_pullback(carry, *, d_carried_keys, d_products, key
     def product(a, b, a_axis, b_axis):
         return contract(a, b, a_axis, b_axis, precision)
 
-    def narrow(a, b, a_axis, b_axis):  # a raw input with a cotangent, in the raw (input) dtype
-        return contract(a.astype(raw_dtype), b.astype(raw_dtype), a_axis, b_axis, precision)
+    narrow = functools.partial(_input_dtype_product, dtype=raw_dtype, precision=precision)
 
     carried_rows = product(transform, directions.astype(jnp.float32), 0, 0)  # Y = 𝒯ᵀ W  [C, D]
     d_carried_rows = -product(key_mixing, d_carried_keys, 1, 0)  # dY = −A_k dK̄  [C, D]
@@ -157,7 +161,7 @@ def _mixing_kernel(q_ref, k_ref, w_ref, transform_ref, d_queries_ref, d_intra_re
     directions = w_ref[...].astype(raw_dtype)  # W  [C, D]
     transform = transform_ref[...]  # 𝒯  [C, C]
     block, dim = keys.shape
-    key_mixing = jnp.where(strictly_lower_mask(block), contract(directions, keys, 1, 1, precision), 0.0)  # A_k
+    key_mixing = jnp.where(strictly_lower_mask(block), raw_product(directions, keys, 1, 1, precision), 0.0)  # A_k
     shared = dict(keys=keys, directions=directions, transform=transform, key_mixing=key_mixing,
                   precision=precision, raw_dtype=raw_dtype)
     carry = (jnp.zeros((block, dim), jnp.float32), jnp.zeros((block, dim), jnp.float32),
